@@ -1,0 +1,83 @@
+"""The accountant contract shared by every method: supports, chainable compose, epsilon/delta."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Self
+
+from asymflow.accounting.events import Composed, Event, SelfComposed, check_delta, check_epsilon
+
+
+class UnsupportedEventError(ValueError):
+    """Raised when an accountant is asked to bound an event it cannot bound."""
+
+
+class Accountant(ABC):
+    """Accumulates events and reports (epsilon, delta) upper bounds.
+
+    Subclasses implement :meth:`_supports_leaf` for non-composite events and the two queries.
+    Composite events (``Composed``, ``SelfComposed``) are unpacked here, so every accountant
+    composes the same way.
+    """
+
+    name: str = "accountant"
+    certified: bool = True
+
+    def __init__(self) -> None:
+        self._leaves: list[tuple[Event, int]] = []
+
+    def supports(self, event: Event) -> bool:
+        """True iff every leaf of ``event`` can be bounded by this accountant."""
+        if isinstance(event, SelfComposed):
+            return self.supports(event.event)
+        if isinstance(event, Composed):
+            return all(self.supports(e) for e in event.events)
+        return self._supports_leaf(event)
+
+    def compose(self, event: Event, count: int = 1) -> Self:
+        """Add ``count`` adaptive repetitions of ``event``; returns self for chaining."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be an integer >= 0, got count={count!r}")
+        if not self.supports(event):
+            raise UnsupportedEventError(f"{self.name} accountant cannot bound {event!r}")
+        self._add(event, count)
+        return self
+
+    def _add(self, event: Event, count: int) -> None:
+        if count == 0:
+            return
+        if isinstance(event, SelfComposed):
+            self._add(event.event, count * event.count)
+        elif isinstance(event, Composed):
+            for e in event.events:
+                self._add(e, count)
+        else:
+            self._leaves.append((event, count))
+
+    @property
+    def leaves(self) -> list[tuple[Event, int]]:
+        """The composed non-composite events with their repetition counts."""
+        return list(self._leaves)
+
+    def epsilon(self, delta: float) -> float:
+        """Smallest epsilon this method certifies at ``delta`` (0 when nothing was composed)."""
+        check_delta(delta)
+        if not self._leaves:
+            return 0.0
+        return self._epsilon(delta)
+
+    def delta(self, epsilon: float) -> float:
+        """Smallest delta this method certifies at ``epsilon`` (0 when nothing was composed)."""
+        check_epsilon(epsilon)
+        if not self._leaves:
+            return 0.0
+        return self._delta(epsilon)
+
+    @abstractmethod
+    def _supports_leaf(self, event: Event) -> bool: ...
+
+    @abstractmethod
+    def _epsilon(self, delta: float) -> float: ...
+
+    @abstractmethod
+    def _delta(self, epsilon: float) -> float: ...

@@ -183,8 +183,8 @@ class BalancedIterationSampler(_SeededBatchSampler):
         return self.passes * self.steps
 
     def _draw_steps(self, generator: torch.Generator) -> torch.Tensor:
-        """Steps of one pass as an (N k,) tensor, record-major: entries ``i k .. i k + k - 1``
-        are record i's uniformly random k-subset of ``range(steps)``, in increasing order.
+        """Steps of one pass as an (N, k) tensor: row i is record i's uniformly random
+        k-subset of ``range(steps)``, independent across records.
 
         Floyd's algorithm (Bentley & Floyd, CACM 30(9), 1987), vectorized over a chunk of
         records with a (chunk, T) membership mask: for j = T-m .. T-1 draw d ~ U{0..j} and
@@ -193,29 +193,32 @@ class BalancedIterationSampler(_SeededBatchSampler):
         """
         n, k, t = self.num_samples, self.k, self.steps
         m = min(k, t - k)
-        out = torch.empty(n * k, dtype=torch.int64)
+        out = torch.empty((n, k), dtype=torch.int64)
         rows = max(1, _CHUNK_ELEMENTS // t)
         for start in range(0, n, rows):
             c = min(rows, n - start)
             taken = torch.zeros((c, t), dtype=torch.bool)
+            drawn = torch.empty((c, m), dtype=torch.int64)
             row = torch.arange(c)
-            for j in range(t - m, t):
+            for col, j in enumerate(range(t - m, t)):
                 u = torch.rand(c, generator=generator, dtype=torch.float64)
                 # floor(u (j+1)) with float64 u is uniform on {0..j} up to (j+1) 2**-53.
                 draw = (u * (j + 1)).floor_().to(torch.int64).clamp_(max=j)
                 draw = torch.where(taken[row, draw], j, draw)
                 taken[row, draw] = True
-            if m != k:
-                taken.logical_not_()
-            # nonzero is row-major, so each record's k steps are contiguous and increasing.
-            out[start * k : (start + c) * k] = taken.nonzero()[:, 1]
+                drawn[:, col] = draw
+            if m == k:
+                out[start : start + c] = drawn
+            else:
+                # k > T/2: keep the complement of the m = T - k drawn steps.
+                out[start : start + c] = taken.logical_not_().nonzero()[:, 1].view(c, k)
         return out
 
     def _batches(self, generator: torch.Generator) -> Iterator[list[int]]:
         n, k, t = self.num_samples, self.k, self.steps
         records = torch.arange(n, dtype=torch.int64).repeat_interleave(k)
         for _ in range(self.passes):
-            step_of = self._draw_steps(generator)
+            step_of = self._draw_steps(generator).flatten()
             # Stable sort by step keeps each batch in increasing index order.
             order = torch.sort(step_of, stable=True).indices
             members = records[order]

@@ -74,7 +74,7 @@ def event_from_dict(data: dict[str, Any]) -> Event:
 
 @dataclass(frozen=True, slots=True)
 class Gaussian(Event):
-    """Gaussian mechanism N(f(D), sigma^2 I) with L2 sensitivity 1; ``sigma`` is the noise multiplier."""
+    """Gaussian mechanism N(f(D), sigma^2 I), L2 sensitivity 1; ``sigma`` is the multiplier."""
 
     sigma: float
 

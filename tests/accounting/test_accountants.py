@@ -23,6 +23,7 @@ from asymflow.accounting import (
     noise_for_epsilon,
     training_event,
 )
+from asymflow.accounting.events import NonPrivate, RandomizedResponse, event_from_dict
 from asymflow.accounting.montecarlo import MonteCarloAccountant
 
 SUPPORTED = BalancedSampled(2, 20, Gaussian(1.5))
@@ -173,3 +174,20 @@ def test_calibration_with_pld_never_overshoots():
 def test_calibration_bad_target():
     with pytest.raises(ValueError, match="target_epsilon"):
         noise_for_epsilon(-1.0, 1e-5, "balanced", 10, k=1)
+
+
+def test_randomized_response_is_pure_dp_and_round_trips():
+    rr = RandomizedResponse(2.0, 10)
+    assert event_from_dict(rr.to_dict()) == rr
+    for acc in (RdpAccountant(), PldAccountant()):
+        eps = acc.compose(rr).epsilon(1e-9)
+        # Pure 2-DP: no delta helps below 2, and the certified value cannot be below 2 - tiny.
+        assert 2.0 - 1e-6 <= eps <= 2.1
+
+
+def test_non_private_release_makes_epsilon_infinite_everywhere():
+    event = Composed((Gaussian(5.0), NonPrivate("labels sent in clear")))
+    report = best_epsilon(event, 1e-5)
+    assert report.epsilon == math.inf
+    assert all(v == math.inf for v in report.by_method.values())
+    assert RdpAccountant().compose(event).delta(10.0) == 1.0

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Self
 
-from asymflow.accounting.events import Composed, Event, SelfComposed, check_delta, check_epsilon
+from asymflow.accounting.events import (
+    Composed,
+    Event,
+    NonPrivate,
+    SelfComposed,
+    check_delta,
+    check_epsilon,
+)
 
 
 class UnsupportedEventError(ValueError):
@@ -17,7 +25,8 @@ class Accountant(ABC):
 
     Subclasses implement :meth:`_supports_leaf` for non-composite events and the two queries.
     Composite events (``Composed``, ``SelfComposed``) are unpacked here, so every accountant
-    composes the same way.
+    composes the same way. A ``NonPrivate`` leaf is accepted by every accountant and makes the
+    whole composition infinite: epsilon = inf, delta = 1.
     """
 
     name: str = "accountant"
@@ -32,7 +41,7 @@ class Accountant(ABC):
             return self.supports(event.event)
         if isinstance(event, Composed):
             return all(self.supports(e) for e in event.events)
-        return self._supports_leaf(event)
+        return isinstance(event, NonPrivate) or self._supports_leaf(event)
 
     def compose(self, event: Event, count: int = 1) -> Self:
         """Add ``count`` adaptive repetitions of ``event``; returns self for chaining."""
@@ -55,6 +64,11 @@ class Accountant(ABC):
             self._leaves.append((event, count))
 
     @property
+    def leaks(self) -> bool:
+        """True if a release without any guarantee was composed."""
+        return any(isinstance(e, NonPrivate) for e, _ in self._leaves)
+
+    @property
     def leaves(self) -> list[tuple[Event, int]]:
         """The composed non-composite events with their repetition counts."""
         return list(self._leaves)
@@ -64,6 +78,8 @@ class Accountant(ABC):
         check_delta(delta)
         if not self._leaves:
             return 0.0
+        if self.leaks:
+            return math.inf
         return self._epsilon(delta)
 
     def delta(self, epsilon: float) -> float:
@@ -71,6 +87,8 @@ class Accountant(ABC):
         check_epsilon(epsilon)
         if not self._leaves:
             return 0.0
+        if self.leaks:
+            return 1.0
         return self._delta(epsilon)
 
     @abstractmethod

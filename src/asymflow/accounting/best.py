@@ -39,7 +39,7 @@ def best_epsilon(
     for name in methods:
         accountant = CERTIFIED_METHODS[name]()
         if accountant.supports(event):
-            by_method[name] = accountant.compose(event).epsilon(delta)
+            by_method[name] = float(accountant.compose(event).epsilon(delta))
     if not by_method:
         raise UnsupportedEventError(f"no certified accountant among {methods} bounds {event!r}")
     method = min(by_method, key=lambda m: by_method[m])

@@ -93,6 +93,31 @@ class Laplace(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class RandomizedResponse(Event):
+    """k-ary randomized response on one value (e.g. a label) among ``classes``: keep it with
+    probability e^eps/(e^eps + classes - 1), else report one of the others uniformly.
+    Pure ``epsilon``-DP under replacement of the value (Warner 1965; Kairouz et al. 2016)."""
+
+    epsilon: float
+    classes: int
+
+    def __post_init__(self) -> None:
+        _check_positive("epsilon", self.epsilon)
+        _check_int("classes", self.classes, 2)
+
+
+@dataclass(frozen=True, slots=True)
+class NonPrivate(Event):
+    """A release without any guarantee (e.g. labels sent in clear): epsilon is infinite."""
+
+    what: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.what, str) or not self.what:
+            raise ValueError("what must be a non-empty description of the release")
+
+
+@dataclass(frozen=True, slots=True)
 class PoissonSampled(Event):
     """Each record joins the step independently with probability ``q``."""
 
@@ -203,6 +228,8 @@ _EVENT_TYPES: dict[str, type[Event]] = {
     for cls in (
         Gaussian,
         Laplace,
+        RandomizedResponse,
+        NonPrivate,
         PoissonSampled,
         BalancedSampled,
         ModelPartitioned,

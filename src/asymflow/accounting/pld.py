@@ -5,6 +5,7 @@
 - Balanced (k of T): k compositions of the 1-of-floor(T/k) allocation pair
   (Feldman & Shenfeld 2502.08202, Lemma 3.2), whose discrete dominating pair comes from
   :func:`allocation.ratio_atoms`; privacy losses are rounded up to the grid.
+- Randomized response: dp_accounting's exact PLD (replace-one).
 - Model partitioning (1 of d blocks), also under Poisson subsampling: the mixture
   (q P + (1-q) Q, Q) of a dominating pair dominates the subsampled pair (post-processing).
 
@@ -23,7 +24,14 @@ from dp_accounting.pld import privacy_loss_distribution as dp_pld
 from asymflow.accounting import allocation
 from asymflow.accounting.accountant import Accountant
 from asymflow.accounting.allocation import MIN_SIGMA, RatioAtoms
-from asymflow.accounting.events import BalancedSampled, Event, Gaussian, Laplace, PoissonSampled
+from asymflow.accounting.events import (
+    BalancedSampled,
+    Event,
+    Gaussian,
+    Laplace,
+    PoissonSampled,
+    RandomizedResponse,
+)
 from asymflow.accounting.partition import allocation_of
 
 Pld = dp_pld.PrivacyLossDistribution
@@ -83,7 +91,7 @@ class PldAccountant(Accountant):
         self._pld: Pld | None = None
 
     def _supports_leaf(self, event: Event) -> bool:
-        if isinstance(event, Gaussian | Laplace):
+        if isinstance(event, Gaussian | Laplace | RandomizedResponse):
             return True
         if isinstance(event, PoissonSampled):
             inner = event.event
@@ -101,6 +109,11 @@ class PldAccountant(Accountant):
             "pessimistic_estimate": self.pessimistic,
             "value_discretization_interval": self.interval,
         }
+        if isinstance(event, RandomizedResponse):
+            # keep probability e^eps/(e^eps + K - 1) = 1 - p + p/K  <=>  p = K/(e^eps + K - 1);
+            # replace-one adjacency, which also covers replacing the value by a null one.
+            p = event.classes / (math.exp(event.epsilon) + event.classes - 1)
+            return dp_pld.from_randomized_response(p, event.classes, **common)
         q, inner = (event.q, event.event) if isinstance(event, PoissonSampled) else (1.0, event)
         if isinstance(inner, Gaussian):
             return dp_pld.from_gaussian_mechanism(inner.sigma, sampling_prob=q, **common)

@@ -1,6 +1,7 @@
 """Renyi-DP accountant over integer orders, both adjacency directions kept separately.
 
 - Gaussian: alpha/(2 sigma^2). Laplace: Mironov 2017, Prop. 6 (via dp_accounting).
+- Randomized response (pure eps-DP): min(eps, alpha eps^2/2), Bun & Steinke 2016, Prop. 3.3.
 - Poisson-subsampled Gaussian: Mironov, Talwar, Zhang 2019 (via dp_accounting); it bounds both
   directions.
 - Balanced (k of T) and model partitioning: k compositions of 1-of-floor(T/k) allocation
@@ -31,6 +32,7 @@ from asymflow.accounting.events import (
     Gaussian,
     Laplace,
     PoissonSampled,
+    RandomizedResponse,
 )
 from asymflow.accounting.partition import allocation_of
 
@@ -72,7 +74,7 @@ class RdpAccountant(Accountant):
             raise ValueError("orders must be integers >= 2")
 
     def _supports_leaf(self, event: Event) -> bool:
-        if isinstance(event, Gaussian | Laplace):
+        if isinstance(event, Gaussian | Laplace | RandomizedResponse):
             return True
         if isinstance(event, PoissonSampled):
             return isinstance(event.event, Gaussian) or allocation_of(event.event) is not None
@@ -87,6 +89,10 @@ class RdpAccountant(Accountant):
             return curve, curve
         if isinstance(event, Laplace):
             curve = np.array([dp_rdp._laplace_rdp(1 / event.b, float(a)) for a in orders])
+            return curve, curve
+        if isinstance(event, RandomizedResponse):
+            # Pure eps-DP implies RDP <= min(eps, alpha eps^2 / 2) (Bun & Steinke 2016, Prop. 3.3).
+            curve = np.minimum(event.epsilon, orders * event.epsilon**2 / 2)
             return curve, curve
         if isinstance(event, PoissonSampled):
             if event.q == 0:
@@ -112,6 +118,8 @@ class RdpAccountant(Accountant):
 
     def curves(self) -> tuple[np.ndarray, np.ndarray]:
         """Total (remove, add) RDP at ``self.orders`` over everything composed."""
+        if self.leaks:
+            return np.full(self.orders.size, np.inf), np.full(self.orders.size, np.inf)
         remove = np.zeros(self.orders.size)
         add = np.zeros(self.orders.size)
         for event, count in self._leaves:

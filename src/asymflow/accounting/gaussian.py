@@ -1,0 +1,49 @@
+"""The exact (analytic) Gaussian mechanism and noise calibration for single releases.
+
+delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2), mu = sqrt(count)/sigma
+(Balle & Wang 2018, Thm 8), for ``count`` compositions of N(0, sigma^2) at sensitivity 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+from scipy import optimize, stats
+
+from asymflow.accounting.best import best_epsilon
+from asymflow.accounting.calibrate import bisect_sigma
+from asymflow.accounting.events import Gaussian, SelfComposed, check_delta, check_epsilon
+
+
+def gaussian_delta(sigma: float, epsilon: float, count: int = 1) -> float:
+    """Exact delta(epsilon) of ``count`` Gaussian releases with noise multiplier sigma."""
+    check_epsilon(epsilon)
+    mu = math.sqrt(count) / sigma
+    return float(
+        stats.norm.cdf(-epsilon / mu + mu / 2)
+        - math.exp(epsilon) * stats.norm.cdf(-epsilon / mu - mu / 2)
+    )
+
+
+def gaussian_epsilon(sigma: float, delta: float, count: int = 1) -> float:
+    """Exact epsilon(delta), the root of :func:`gaussian_delta`."""
+    check_delta(delta)
+    if gaussian_delta(sigma, 0.0, count) <= delta:
+        return 0.0
+    hi = 1.0
+    while gaussian_delta(sigma, hi, count) > delta:
+        hi *= 2
+    return float(optimize.brentq(lambda e: gaussian_delta(sigma, e, count) - delta, 0, hi))
+
+
+def gaussian_sigma_for_epsilon(
+    target_epsilon: float, delta: float, count: int = 1, rel_tol: float = 1e-4
+) -> float:
+    """Smallest sigma whose *certified* epsilon (the ledger's method, :func:`best_epsilon`)
+    for ``count`` releases is <= target, so the ledger never reports above the target."""
+    check_delta(delta)
+
+    def epsilon_of(sigma: float) -> float:
+        return best_epsilon(SelfComposed(Gaussian(sigma), count), delta).epsilon
+
+    return bisect_sigma(epsilon_of, target_epsilon, rel_tol=rel_tol)[0]

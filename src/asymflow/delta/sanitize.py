@@ -1,0 +1,135 @@
+"""The sanitizer: the only way a residual leaves the private environment.
+
+Per sample: clip R <- R / max(1, ||R||_2 / C); add N(0, sigma^2 C^2 I); quantize to one bit
+1[R_noisy >= 0]; pack 8 bits per byte. Steps 2-3 are the Gaussian mechanism (sensitivity C)
+followed by post-processing (Niu et al. 2024, Sec. 3.3; DESIGN.md sec. 3). The privacy event is
+written to the ledger before any bit is handed on.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from asymflow.accounting.events import Event, Gaussian
+from asymflow.accounting.gaussian import gaussian_sigma_for_epsilon
+from asymflow.accounting.ledger import PrivacyLedger
+
+WIRE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SanitizedResidual:
+    """Bit-packed sanitized residuals of a batch, with the privacy event of their release.
+
+    ``bits`` is uint8 of shape (N, ceil(c*h*w/8)); bit j of sample i is 1[noisy residual >= 0]
+    at flat position j of its (c, h, w) tensor (numpy ``packbits`` order, big-endian in a byte).
+    """
+
+    bits: np.ndarray
+    shape: tuple[int, int, int]
+    event: Event
+    version: int = WIRE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.bits.dtype != np.uint8 or self.bits.ndim != 2:
+            raise ValueError("bits must be a 2-D uint8 array")
+        if len(self.shape) != 3 or any(int(d) < 1 for d in self.shape):
+            raise ValueError(f"shape must be (c, h, w) with positive sizes, got {self.shape}")
+        if self.bits.shape[1] != self.bytes_per_sample:
+            raise ValueError(
+                f"bits must have ceil(c*h*w/8) = {self.bytes_per_sample} bytes per sample, "
+                f"got {self.bits.shape[1]}"
+            )
+
+    @property
+    def bytes_per_sample(self) -> int:
+        """ceil(c*h*w / 8): one bit per residual element."""
+        return math.ceil(math.prod(self.shape) / 8)
+
+    def __len__(self) -> int:
+        return self.bits.shape[0]
+
+    def unpack(self) -> Tensor:
+        """The public model's input: a float tensor (N, c, h, w) of +-1."""
+        flat = np.unpackbits(self.bits, axis=1, count=math.prod(self.shape))
+        signs = torch.from_numpy(flat.astype(np.float32)).mul_(2).sub_(1)
+        return signs.reshape(len(self), *self.shape)
+
+    def subset(self, index: np.ndarray | slice) -> SanitizedResidual:
+        """The residuals of some samples (no new release)."""
+        return SanitizedResidual(self.bits[index], self.shape, self.event, self.version)
+
+
+class Sanitizer:
+    """Clip, noise and quantize residuals; every call is one recorded release per sample.
+
+    With ``seed=None`` (production) the noise generator is seeded from the operating system's
+    cryptographically secure source (``secrets``); tests pass a fixed seed.
+    """
+
+    def __init__(self, clip: float, sigma: float, *, seed: int | None = None) -> None:
+        if not (math.isfinite(clip) and clip > 0):
+            raise ValueError(f"clip must be a finite number > 0, got clip={clip}")
+        self.clip = float(clip)
+        self.event = Gaussian(sigma)  # validates sigma
+        self.sigma = float(sigma)
+        self._gen = torch.Generator().manual_seed(
+            secrets.randbits(63) if seed is None else int(seed)
+        )
+
+    @classmethod
+    def for_epsilon(
+        cls,
+        epsilon: float,
+        delta: float,
+        clip: float,
+        *,
+        releases: int = 1,
+        seed: int | None = None,
+    ) -> Sanitizer:
+        """Noise calibrated so that ``releases`` sanitizations of a sample cost <= epsilon."""
+        return cls(clip, gaussian_sigma_for_epsilon(epsilon, delta, releases), seed=seed)
+
+    def clip_and_noise(self, residual: Tensor) -> Tensor:
+        """R / max(1, ||R||/C) + N(0, sigma^2 C^2) per sample (before quantization)."""
+        flat = residual.detach().flatten(1).float()
+        norms = flat.norm(dim=1, keepdim=True)
+        clipped = flat / torch.clamp(norms / self.clip, min=1.0)
+        noise = torch.randn(flat.shape, generator=self._gen) * (self.sigma * self.clip)
+        return clipped + noise
+
+    def record_release(
+        self, ledger: PrivacyLedger, *, dataset: str, scope: str, note: str = "residual release"
+    ) -> Release:
+        """Write (and commit) one release of every record in ``scope`` to the ledger."""
+        row = ledger.record(self.event, dataset=dataset, scope=scope, note=note)
+        return Release(row, self.event, ledger)
+
+    def sanitize(self, residual: Tensor, release: Release) -> SanitizedResidual:
+        """Sanitize residuals (B, c, h, w) of records covered by an already recorded release."""
+        if release.event != self.event:
+            raise ValueError("release was recorded for a different noise level")
+        if residual.dim() != 4:
+            raise ValueError(f"residual must have shape (B, c, h, w), got {tuple(residual.shape)}")
+        noisy = self.clip_and_noise(residual)
+        bits = np.packbits((noisy >= 0).numpy(), axis=1)
+        return SanitizedResidual(bits, tuple(residual.shape[1:]), self.event)
+
+
+@dataclass(frozen=True)
+class Release:
+    """Proof that a release was written to the ledger before any residual is sanitized."""
+
+    row_id: int
+    event: Event
+    ledger: PrivacyLedger
+
+    def done(self) -> None:
+        """Mark the ledger row released (informational: pending rows count too)."""
+        self.ledger.mark_released(self.row_id)

@@ -1,0 +1,77 @@
+"""Decomposition: identity, energy, DCT orthonormality, power iteration against exact SVD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asymflow.delta.decompose import block_dct_low, dct_matrix, decompose, top_singular
+
+
+def low_rank_ir(b: int = 6, c: int = 16, h: int = 16, w: int = 16, rank: int = 4) -> torch.Tensor:
+    """IR-like batch: a smooth rank-`rank` part with a clear spectral gap plus small noise."""
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.randn(b, rank, h, w, generator=gen)
+    for _ in range(3):
+        maps = torch.nn.functional.avg_pool2d(maps, 5, 1, 2, count_include_pad=False)
+    scales = torch.tensor([8.0, 4.0, 2.0, 1.0][:rank])[:, None]
+    mix = torch.randn(rank, c, generator=gen) * scales
+    return torch.einsum("bkhw,kc->bchw", maps, mix) + 0.01 * torch.randn(b, c, h, w, generator=gen)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_main_plus_residual_is_the_input(exact):
+    x = low_rank_ir()
+    d = decompose(x, r=4, t=8, t_low=4, exact=exact)
+    torch.testing.assert_close(d.main + d.residual, x, rtol=0, atol=1e-5)
+    assert d.features.shape == (6, 4, 8, 8)
+    assert ((d.energy_fraction >= 0) & (d.energy_fraction <= 1)).all()
+
+
+def test_full_rank_full_band_keeps_all_energy():
+    x = torch.randn(3, 4, 8, 8)
+    d = decompose(x, r=4, t=8, t_low=8, exact=True)
+    torch.testing.assert_close(d.residual, torch.zeros_like(x), rtol=0, atol=1e-4)
+    torch.testing.assert_close(d.energy_fraction, torch.ones(3), rtol=0, atol=1e-5)
+
+
+def test_smooth_low_rank_ir_keeps_most_energy_private():
+    d = decompose(low_rank_ir(), r=4, t=8, t_low=4)
+    assert d.energy_fraction.min() > 0.9
+
+
+def test_main_and_residual_are_orthogonal():
+    x = torch.randn(2, 8, 16, 16, dtype=torch.float64)
+    d = decompose(x, r=3, t=8, t_low=4, exact=True)
+    inner = (d.main * d.residual).flatten(1).sum(1)
+    torch.testing.assert_close(inner, torch.zeros(2, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_dct_matrix_is_orthonormal():
+    for t in (4, 7, 16):
+        d = dct_matrix(t)
+        torch.testing.assert_close(d @ d.T, torch.eye(t, dtype=torch.float64))
+
+
+def test_block_dct_low_is_a_projection():
+    maps = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    _, low = block_dct_low(maps, 8, 4)
+    _, low2 = block_dct_low(low, 8, 4)
+    torch.testing.assert_close(low2, low)
+
+
+def test_power_iteration_matches_exact_svd():
+    m = low_rank_ir(c=16).reshape(6, 16, -1)
+    s_fast, u_fast, _ = top_singular(m, 4, iters=60)
+    s_ex, u_ex, _ = top_singular(m, 4, exact=True)
+    torch.testing.assert_close(s_fast, s_ex, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(u_fast.abs(), u_ex.abs(), rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"r": 0}, "r must"), ({"t": 5}, "multiples of t"), ({"t_low": 9}, "t_low")],
+)
+def test_bad_parameters_name_themselves(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        decompose(torch.randn(1, 4, 8, 8), **{"r": 2, "t": 8, "t_low": 4, **kwargs})

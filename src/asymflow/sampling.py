@@ -5,7 +5,8 @@ and yields one list of dataset indices per step. Randomness comes from a ``torch
 seeded from ``(seed, epoch)``, so the same seed reproduces the same batches and every pass
 draws fresh, independent batches. Each pass advances the epoch; :meth:`set_epoch` jumps to a
 given one. Keep the seed secret: the privacy guarantees assume the adversary does not know
-the sampling randomness.
+the sampling randomness. (torch's CPU generator, an MT19937, keeps 32 bits of its seed, so
+there are 2**32 distinct streams.)
 
 Poisson and balanced samplers can yield empty batches. A training step must still run on an
 empty batch (the noise is added regardless); skipping it changes the privacy event. With a
@@ -15,6 +16,7 @@ empty batch (the noise is added regardless); skipping it changes the privacy eve
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Iterator
 
@@ -71,10 +73,9 @@ def _as_probability(name: str, value: object) -> float:
     """``value`` as a float in ``(0, 1]``; bools, NaN and non-numbers are refused."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a number, not a bool, got {name}={value!r}")
-    try:
-        out = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    out = float(value)
     if math.isnan(out) or not 0 < out <= 1:
         raise ValueError(f"{name} must satisfy 0 < {name} <= 1, got {name}={value!r}")
     return out
@@ -198,20 +199,26 @@ class BalancedIterationSampler(_SeededBatchSampler):
         for start in range(0, n, rows):
             c = min(rows, n - start)
             taken = torch.zeros((c, t), dtype=torch.bool)
+            flat = taken.view(-1)
+            row_base = torch.arange(c, dtype=torch.int64) * t
             drawn = torch.empty((c, m), dtype=torch.int64)
-            row = torch.arange(c)
             for col, j in enumerate(range(t - m, t)):
                 u = torch.rand(c, generator=generator, dtype=torch.float64)
                 # floor(u (j+1)) with float64 u is uniform on {0..j} up to (j+1) 2**-53.
                 draw = (u * (j + 1)).floor_().to(torch.int64).clamp_(max=j)
-                draw = torch.where(taken[row, draw], j, draw)
-                taken[row, draw] = True
+                draw = torch.where(flat[row_base + draw], j, draw)
+                flat.index_fill_(0, row_base + draw, True)
                 drawn[:, col] = draw
             if m == k:
                 out[start : start + c] = drawn
-            else:
-                # k > T/2: keep the complement of the m = T - k drawn steps.
-                out[start : start + c] = taken.logical_not_().nonzero()[:, 1].view(c, k)
+                continue
+            # k > T/2: keep the complement of the m = T - k drawn steps. nonzero returns 16
+            # bytes per hit, so extract in slices of at most _CHUNK_ELEMENTS / 16 mask entries.
+            taken.logical_not_()
+            sub = max(1, _CHUNK_ELEMENTS // (16 * t))
+            for s0 in range(0, c, sub):
+                kept = taken[s0 : s0 + sub].nonzero()[:, 1]
+                out[start + s0 : start + s0 + kept.numel() // k] = kept.view(-1, k)
         return out
 
     def _batches(self, generator: torch.Generator) -> Iterator[list[int]]:

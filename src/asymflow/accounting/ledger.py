@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Self
 
 from asymflow.accounting.events import Composed, Event, SelfComposed, check_delta, event_from_dict
+
+if TYPE_CHECKING:
+    from asymflow.accounting.best import EpsilonReport
 
 LEDGER_FILENAME = "ledger.sqlite"
 """The ledger's file name inside a run directory."""
@@ -56,16 +59,6 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_dataset_scope ON events (dataset, scope);
 """
-
-
-class EpsilonReport(Protocol):
-    """What :func:`asymflow.accounting.best.best_epsilon` returns: the smallest certified
-    epsilon over the available methods, the method that gave it, and every method's value."""
-
-    epsilon: float
-    method: str
-    certified: bool
-    by_method: dict[str, float]
 
 
 @dataclass(frozen=True, slots=True)

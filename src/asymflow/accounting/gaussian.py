@@ -39,11 +39,21 @@ def gaussian_epsilon(sigma: float, delta: float, count: int = 1) -> float:
 def gaussian_sigma_for_epsilon(
     target_epsilon: float, delta: float, count: int = 1, rel_tol: float = 1e-4
 ) -> float:
-    """Smallest sigma whose *certified* epsilon (the ledger's method, :func:`best_epsilon`)
-    for ``count`` releases is <= target, so the ledger never reports above the target."""
+    """Smallest sigma (to ``rel_tol``) whose *certified* epsilon for ``count`` releases, by the
+    ledger's method (:func:`best_epsilon`), is <= target: the ledger never reports above it.
+
+    Starts from the exact analytic sigma and raises it by factors of (1 + rel_tol) until the
+    certified bound, which sits just above the exact value, meets the target.
+    """
     check_delta(delta)
-
-    def epsilon_of(sigma: float) -> float:
-        return best_epsilon(SelfComposed(Gaussian(sigma), count), delta).epsilon
-
-    return bisect_sigma(epsilon_of, target_epsilon, rel_tol=rel_tol)[0]
+    check_epsilon(target_epsilon)
+    if target_epsilon == 0:
+        raise ValueError("target_epsilon must be > 0 for a Gaussian release")
+    sigma = bisect_sigma(
+        lambda s: gaussian_epsilon(s, delta, count), target_epsilon, rel_tol=rel_tol / 10
+    )[0]
+    for _ in range(10_000):
+        if best_epsilon(SelfComposed(Gaussian(sigma), count), delta).epsilon <= target_epsilon:
+            return sigma
+        sigma *= 1 + rel_tol
+    raise ArithmeticError("certified Gaussian epsilon did not meet the target")

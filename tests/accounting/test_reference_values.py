@@ -13,7 +13,13 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import integrate, stats
 
 from asymflow.accounting import allocation
-from asymflow.accounting.events import BalancedSampled, Gaussian, PoissonSampled, SelfComposed
+from asymflow.accounting.events import (
+    BalancedSampled,
+    Gaussian,
+    ModelPartitioned,
+    PoissonSampled,
+    SelfComposed,
+)
 from asymflow.accounting.pld import PldAccountant
 from asymflow.accounting.rdp import RdpAccountant
 
@@ -29,18 +35,24 @@ def brute_force_remove_rdp(T: int, k: int, alpha: int, sigma: float) -> float:
     return math.log(total / len(subsets) ** alpha) / (alpha - 1)
 
 
-def quadrature_add_rdp_two_steps(alpha: int, sigma: float) -> float:
-    """Exact add RDP of 1-of-2 allocation by direct 2-D quadrature of E_Q[L^(1-alpha)],
+def quadrature_two_steps(power: float, sigma: float, q: float = 1.0) -> float:
+    """log E_Q[(1 - q + q L)^power] for 1-of-2 allocation by direct 2-D quadrature,
     L = (w1 + w2)/2, w_i = exp((2 y_i - 1)/(2 sigma^2)), y ~ N(0, sigma^2 I): a trapezoid rule on
-    a fine grid over +-14 sigma, independent of the 1-D Laplace-transform method under test."""
+    a fine grid over +-14 sigma, independent of the methods under test."""
     y = np.linspace(-14 * sigma, 14 * sigma, 3001)
     log_w = (2 * y - 1) / (2 * sigma**2)
     log_ratio = np.logaddexp(log_w[:, None], log_w[None, :]) - math.log(2)
+    if q < 1:
+        log_ratio = np.logaddexp(math.log1p(-q), math.log(q) + log_ratio)
     log_pdf = stats.norm.logpdf(y, 0, sigma)
-    log_f = (1 - alpha) * log_ratio + log_pdf[:, None] + log_pdf[None, :]
+    log_f = power * log_ratio + log_pdf[:, None] + log_pdf[None, :]
     top = log_f.max()
-    value = integrate.trapezoid(integrate.trapezoid(np.exp(log_f - top), y), y)
-    return (top + math.log(value)) / (alpha - 1)
+    return top + math.log(integrate.trapezoid(integrate.trapezoid(np.exp(log_f - top), y), y))
+
+
+def quadrature_add_rdp_two_steps(alpha: float, sigma: float, q: float = 1.0) -> float:
+    """Exact add RDP of the (Poisson-subsampled) 1-of-2 pair by 2-D quadrature."""
+    return quadrature_two_steps(1 - alpha, sigma, q) / (alpha - 1)
 
 
 # Exact remove-direction RDP, "computed by enumeration" (ACCOUNTING.md sec. 4).
@@ -101,6 +113,26 @@ def test_add_rdp_matches_published_quadrature(alpha, value):
 def test_add_rdp_matches_independent_2d_quadrature(alpha, sigma):
     ours = allocation.add_rdp(2, sigma, np.array([alpha]))[0]
     assert ours == pytest.approx(quadrature_add_rdp_two_steps(alpha, sigma), rel=1e-5)
+
+
+@pytest.mark.parametrize(("q", "alpha"), [(0.1, 2), (0.3, 5), (0.05, 8)])
+def test_poisson_subsampled_partition_rdp_matches_quadrature(q, alpha):
+    # Remove: binomial expansion; add: Laplace-transform quadrature; reference: 2-D quadrature.
+    acc = RdpAccountant(orders=np.array([alpha]))
+    remove, add = acc.compose(PoissonSampled(q, ModelPartitioned(2, Gaussian(1.3)))).curves()
+    assert remove[0] == pytest.approx(quadrature_two_steps(alpha, 1.3, q) / (alpha - 1), rel=1e-6)
+    assert add[0] == pytest.approx(quadrature_add_rdp_two_steps(alpha, 1.3, q), rel=1e-5)
+    assert add[0] >= quadrature_add_rdp_two_steps(alpha, 1.3, q) * (1 - 1e-7)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.5, 3.75])
+def test_fractional_orders_bound_the_exact_rdp(alpha):
+    # Interpolating the cumulant generating function between integers is an upper bound.
+    remove, add = (
+        RdpAccountant(orders=np.array([alpha])).compose(ModelPartitioned(2, Gaussian(1.0))).curves()
+    )
+    assert remove[0] >= quadrature_two_steps(alpha, 1.0) / (alpha - 1) - 1e-9
+    assert add[0] >= quadrature_add_rdp_two_steps(alpha, 1.0) - 1e-9
 
 
 def test_poisson_pld_matches_dp_accounting_and_published_value():

@@ -122,29 +122,47 @@ def _log_laplace_transform(s: np.ndarray, sigma: float) -> np.ndarray:
 
 
 @lru_cache(maxsize=256)
-def _log_moments_add(n: int, sigma: float, max_order: int) -> tuple[float, ...]:
-    """log E_Q[L^(1-a)] for a = 2..max_order (index a); entries 0, 1 are 0.
+def _log_moments_add(n: int, sigma: float, max_order: int, q: float) -> tuple[float, ...]:
+    """log E_Q[(1 - q + qL)^(1-a)] for a = 0..max_order (entries 0, 1 are 0).
 
-    E[L^-m] = (1/Gamma(m)) int_0^inf t^(m-1) psi(t/n)^n dt (psi the lognormal Laplace
-    transform), a trapezoid rule in u = log t, which converges geometrically for this smooth
-    integrand once both ends have decayed. Orders whose integrand has not decayed inside the
-    grid fall back to the AM-GM bound L >= (prod Z_i)^(1/n), giving
-    log E[L^-m] <= m/(2 sigma^2) + m^2/(2 n sigma^2).
+    With m = a - 1, x^-m = (1/Gamma(m)) int_0^inf t^(m-1) e^(-t x) dt gives
+    E[(1-q+qL)^-m] = (1/Gamma(m)) int t^(m-1) e^(-t(1-q)) psi(t q/n)^n dt, psi the lognormal
+    Laplace transform; a trapezoid rule in u = log t over the real line, which converges
+    geometrically for this smooth integrand once both ends have decayed. Orders whose integrand
+    has not decayed inside the grid fall back to a bound: for q = 1 the AM-GM bound
+    L >= (prod Z_i)^(1/n), log E[L^-m] <= m/(2 sigma^2) + m^2/(2 n sigma^2); for q < 1 convexity,
+    (1-q+qL)^-m <= (1-q) + q L^-m.
     """
     u = _U_GRID
-    log_psi_n = n * _log_laplace_transform(np.exp(u) / n, sigma)
+    t = np.exp(u)
+    log_integrand = n * _log_laplace_transform(t * q / n, sigma) - t * (1 - q)
     out = [0.0, 0.0]
     for a in range(2, max_order + 1):
         m = a - 1
-        amgm = m / (2 * sigma**2) + m * m / (2 * n * sigma**2)
-        g = m * u + log_psi_n
+        fallback = m / (2 * sigma**2) + m * m / (2 * n * sigma**2)
+        if q < 1:
+            fallback = float(np.logaddexp(math.log1p(-q), math.log(q) + fallback))
+        g = m * u + log_integrand
         top = g.max()
         if max(g[0], g[-1]) > top - 50:
-            out.append(amgm)
+            out.append(fallback)
             continue
         quad = top + math.log(np.trapezoid(np.exp(g - top), u)) - math.lgamma(m)
-        out.append(min(quad * (1 + _ADD_MARGIN), amgm))
+        out.append(
+            min(quad * (1 + _ADD_MARGIN) if quad > 0 else quad * (1 - _ADD_MARGIN), fallback)
+        )
     return tuple(out)
+
+
+def add_log_moments(n: int, sigma: float, max_order: int, q: float = 1.0) -> np.ndarray:
+    """log E_Q[(1 - q + qL)^(1-a)], a = 0..max_order: the add-direction cumulants of the
+    Poisson(q)-subsampled 1-of-n pair (q = 1: the pair itself)."""
+    if not 0 < q <= 1:
+        raise ValueError(f"q must satisfy 0 < q <= 1, got q={q}")
+    if n == 1 and q == 1:
+        a = np.arange(max_order + 1, dtype=float)
+        return a * (a - 1) / (2 * sigma**2)
+    return np.asarray(_log_moments_add(n, float(sigma), max_order, float(q)))
 
 
 def add_rdp(n: int, sigma: float, orders: np.ndarray) -> np.ndarray:
@@ -156,18 +174,7 @@ def add_rdp(n: int, sigma: float, orders: np.ndarray) -> np.ndarray:
     """
     orders = np.asarray(orders)
     _check_orders(orders)
-    if n == 1:
-        return orders / (2 * sigma**2)
-    log_m = np.asarray(_log_moments_add(n, float(sigma), int(orders.max())))
-    return log_m[orders] / (orders - 1)
-
-
-def add_log_moments(n: int, sigma: float, max_order: int) -> np.ndarray:
-    """log E_Q[L^(1-a)], a = 0..max_order (a=0,1 give log E[L], log 1 = 0)."""
-    if n == 1:
-        a = np.arange(max_order + 1, dtype=float)
-        return a * (a - 1) / (2 * sigma**2)
-    return np.asarray(_log_moments_add(n, float(sigma), max_order))
+    return add_log_moments(n, sigma, int(orders.max()))[orders] / (orders - 1)
 
 
 def _check_orders(orders: np.ndarray) -> None:
@@ -247,6 +254,28 @@ def _grid(values: np.ndarray, mass: np.ndarray, points: int) -> np.ndarray:
     return np.unique(np.concatenate([geo, lin, [lo, hi]]))
 
 
+_LIGHT = 1e-24  # atoms lighter than this (relative) are pre-binned onto a coarse grid
+_COARSE_POINTS = 48
+
+
+def _thin(values: np.ndarray, mass: np.ndarray, upper: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Move the lightest atoms onto a coarse log grid (spread if upper, merge if lower).
+
+    Both moves keep the direction of the convex-order bound, and they shrink the O(N^2) pair
+    step; the atoms moved carry less than N * 1e-24 of the mass.
+    """
+    light = mass < _LIGHT * mass.sum()
+    if light.sum() < _COARSE_POINTS:
+        return values, mass
+    lv, lm = values[light], mass[light]
+    grid = np.unique(np.geomspace(lv.min(), lv.max(), _COARSE_POINTS))
+    if grid.size < 2:
+        return values, mass
+    grid[0], grid[-1] = lv.min(), lv.max()
+    cv, cm = _rebin(lv, lm, grid, upper)
+    return np.concatenate([values[~light], cv]), np.concatenate([mass[~light], cm])
+
+
 def _average(
     a: tuple[np.ndarray, np.ndarray, int],
     b: tuple[np.ndarray, np.ndarray, int],
@@ -255,6 +284,8 @@ def _average(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Law of the average of n_a + n_b iid draws from averages of n_a and of n_b draws."""
     (va, ma, na), (vb, mb, nb) = a, b
+    va, ma = _thin(va, ma, upper)
+    vb, mb = _thin(vb, mb, upper)
     n = na + nb
     values = (na * va[:, None] + nb * vb[None, :]).ravel() / n
     mass = (ma[:, None] * mb[None, :]).ravel()

@@ -1,4 +1,4 @@
-"""Renyi-DP accountant over integer orders, both adjacency directions kept separately.
+"""Renyi-DP accountant, both adjacency directions kept separately.
 
 - Gaussian: alpha/(2 sigma^2). Laplace: Mironov 2017, Prop. 6 (via dp_accounting).
 - Randomized response (pure eps-DP): min(eps, alpha eps^2/2), Bun & Steinke 2016, Prop. 3.3.
@@ -9,7 +9,9 @@
   (:func:`allocation.remove_rdp`), add direction by quadrature (:func:`allocation.add_rdp`).
 - Poisson-subsampled partitioned step: remove direction exact by the binomial expansion
   E_Q[(1 - q + qL)^alpha] = sum_l C(alpha, l) (1-q)^(alpha-l) q^l E_Q[L^l]; add direction by
-  convexity of x^(1-alpha): E_Q[(1 - q + qL)^(1-alpha)] <= 1 - q + q E_Q[L^(1-alpha)].
+  quadrature of E_Q[(1 - q + qL)^(1-alpha)].
+- Allocation curves are computed at integer orders and interpolated in between through the
+  convexity of the cumulant generating function (alpha - 1) D_alpha.
 
 epsilon(delta) converts each direction with dp_accounting's RDP-to-DP conversion (Canonne,
 Kamath, Steinke 2020) and reports the larger.
@@ -36,30 +38,46 @@ from asymflow.accounting.events import (
 )
 from asymflow.accounting.partition import allocation_of
 
-DEFAULT_ORDERS = np.array([*range(2, 65), 80, 96, 128, 160, 192, 256])
+DEFAULT_ORDERS = np.concatenate(
+    [[1.1, 1.25, 1.5, 1.75], np.arange(2.0, 12.0, 0.25), np.arange(12, 65), [80, 96, 128, 256]]
+)
 
 
-def _poisson_allocation_rdp(
-    q: float, n: int, sigma: float, orders: np.ndarray
+def _rdp_from_cumulants(cumulants: np.ndarray, orders: np.ndarray) -> np.ndarray:
+    """RDP at real orders from log-moments c(a) = (a-1) D_a given at integers a = 0..A.
+
+    c is a cumulant generating function, hence convex in the order, so linear interpolation
+    between the neighbouring integers bounds it from above (and is exact at integers).
+    """
+    lo = np.floor(orders).astype(int)
+    hi = np.minimum(lo + 1, cumulants.size - 1)
+    frac = orders - lo
+    return ((1 - frac) * cumulants[lo] + frac * cumulants[hi]) / (orders - 1)
+
+
+def _allocation_rdp(
+    n: int, sigma: float, q: float, orders: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(remove, add) RDP of a Poisson(q)-subsampled 1-of-n allocated Gaussian step."""
-    top = int(orders.max())
+    """(remove, add) RDP of a Poisson(q)-subsampled 1-of-n allocated Gaussian step (q=1: none).
+
+    Remove: E_Q[(1-q+qL)^a] = sum_l C(a, l) (1-q)^(a-l) q^l E_Q[L^l], exact at integers.
+    Add: quadrature of E_Q[(1-q+qL)^(1-a)] (:func:`allocation.add_log_moments`).
+    """
+    if n == 1 and q == 1:  # the allocation is the Gaussian mechanism itself
+        gaussian = orders / (2 * sigma**2)
+        return gaussian, gaussian
+    top = int(np.ceil(orders.max()))
     log_rem = allocation.remove_log_moments(n, sigma, top)
-    log_add = allocation.add_log_moments(n, sigma, top)
-    remove, add = [], []
-    for a in orders:
-        ell = np.arange(a + 1)
-        log_terms = (
-            special.gammaln(a + 1)
-            - special.gammaln(ell + 1)
-            - special.gammaln(a - ell + 1)
-            + (a - ell) * math.log1p(-q)
-            + ell * math.log(q)
-            + log_rem[: a + 1]
-        )
-        remove.append(special.logsumexp(log_terms) / (a - 1))
-        add.append(np.logaddexp(math.log1p(-q), math.log(q) + log_add[a]) / (a - 1))
-    return np.array(remove), np.array(add)
+    if q < 1:
+        a = np.arange(top + 1)[:, None]
+        ell = np.arange(top + 1)[None, :]
+        log_binom = special.gammaln(a + 1) - special.gammaln(ell + 1) - special.gammaln(a - ell + 1)
+        with np.errstate(invalid="ignore"):
+            terms = log_binom + (a - ell) * math.log1p(-q) + ell * math.log(q) + log_rem[None, :]
+        terms = np.where(ell <= a, terms, -np.inf)
+        log_rem = special.logsumexp(terms, axis=1)
+    log_add = allocation.add_log_moments(n, sigma, top, q)
+    return _rdp_from_cumulants(log_rem, orders), _rdp_from_cumulants(log_add, orders)
 
 
 class RdpAccountant(Accountant):
@@ -69,9 +87,9 @@ class RdpAccountant(Accountant):
 
     def __init__(self, orders: np.ndarray | None = None) -> None:
         super().__init__()
-        self.orders = DEFAULT_ORDERS if orders is None else np.asarray(orders)
-        if not np.issubdtype(self.orders.dtype, np.integer) or self.orders.min() < 2:
-            raise ValueError("orders must be integers >= 2")
+        self.orders = np.asarray(DEFAULT_ORDERS if orders is None else orders, dtype=float)
+        if self.orders.size == 0 or not np.all(self.orders > 1) or not np.all(self.orders < 1e4):
+            raise ValueError("orders must be real numbers with 1 < order < 1e4")
 
     def _supports_leaf(self, event: Event) -> bool:
         if isinstance(event, Gaussian | Laplace | RandomizedResponse):
@@ -106,15 +124,14 @@ class RdpAccountant(Accountant):
                 curve = np.asarray(acc.rdp)
                 return curve, curve
             n, sigma = allocation_of(event.event)  # type: ignore[misc]
-            if event.q == 1:
-                return allocation.remove_rdp(n, sigma, orders), allocation.add_rdp(n, sigma, orders)
-            return _poisson_allocation_rdp(event.q, n, sigma, orders)
+            return _allocation_rdp(n, sigma, event.q, orders)
         if isinstance(event, BalancedSampled):
             assert isinstance(event.event, Gaussian)
             n, k, sigma = event.steps // event.k, event.k, event.event.sigma
         else:
             (n, sigma), k = allocation_of(event), 1  # type: ignore[misc]
-        return k * allocation.remove_rdp(n, sigma, orders), k * allocation.add_rdp(n, sigma, orders)
+        remove, add = _allocation_rdp(n, sigma, 1.0, orders)
+        return k * remove, k * add
 
     def curves(self) -> tuple[np.ndarray, np.ndarray]:
         """Total (remove, add) RDP at ``self.orders`` over everything composed."""

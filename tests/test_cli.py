@@ -1,0 +1,293 @@
+"""The ``asymflow`` command line: JSON shape, labels of bounds and estimates, clean errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from asymflow import cli
+from asymflow.accounting.best import best_epsilon
+from asymflow.accounting.events import Gaussian, event_from_dict
+from asymflow.accounting.rdp import RdpAccountant
+from asymflow.accounting.schedule import training_event
+from asymflow.cli import app
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+runner = CliRunner()
+
+# Small schedules with a moderate epsilon keep every PLD cheap.
+BALANCED = ["--sampler", "balanced", "--sigma", "2", "--steps", "16", "--k", "2", "--delta", "1e-5"]
+CERTIFIED_KIND = "certified upper bound"
+
+
+def invoke(args: list[str]) -> Any:
+    return runner.invoke(app, args)
+
+
+def account_json(args: list[str]) -> dict[str, Any]:
+    result = invoke(["account", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def certified_values(payload: dict[str, Any]) -> dict[str, float]:
+    return {
+        name: value
+        for name, value in payload["by_method"].items()
+        if payload["kinds"][name] == CERTIFIED_KIND
+    }
+
+
+def test_account_json_has_documented_shape_and_best_is_min_of_certified() -> None:
+    payload = account_json(BALANCED)
+    assert {"epsilon", "method", "certified", "by_method", "delta", "event"} <= payload.keys()
+    assert payload["certified"] is True
+    assert payload["delta"] == 1e-5
+    certified = certified_values(payload)
+    assert set(certified) == {"rdp", "pld"}
+    assert payload["epsilon"] == min(certified.values())
+    assert payload["method"] == min(certified, key=certified.__getitem__)
+    expected_event = training_event("balanced", 2.0, 16, k=2)
+    assert event_from_dict(payload["event"]) == expected_event
+    assert payload["epsilon"] == best_epsilon(expected_event, 1e-5).epsilon
+
+
+def test_account_json_in_a_subprocess_prints_only_json_on_stdout() -> None:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "asymflow", "account", *BALANCED, "--epochs", "2", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    payload = json.loads(proc.stdout)  # the whole stdout is one JSON object
+    assert payload["certified"] is True
+    assert payload["event"]["count"] == 2
+    assert payload["epsilon"] == min(certified_values(payload).values())
+
+
+def test_account_method_rdp_reports_the_rdp_bound() -> None:
+    payload = account_json([*BALANCED, "--method", "rdp"])
+    assert payload["method"] == "rdp"
+    assert payload["epsilon"] == payload["by_method"]["rdp"]
+    assert payload["certified"] is True
+
+
+def test_account_poisson_with_rate_q() -> None:
+    args = ["--sampler", "poisson", "--sigma", "2", "--steps", "16", "--q", "0.125"]
+    payload = account_json([*args, "--delta", "1e-5"])
+    assert payload["event"]["event"]["q"] == 0.125
+    assert payload["event"]["count"] == 16
+    assert payload["epsilon"] == min(certified_values(payload).values())
+
+
+def test_account_table_marks_certified_bounds() -> None:
+    result = invoke(["account", *BALANCED])
+    assert result.exit_code == 0, result.output
+    assert CERTIFIED_KIND in result.stdout
+    assert "ε <=" in result.stdout
+
+
+def test_shuffle_is_reported_as_a_lower_bound_never_as_epsilon() -> None:
+    args = ["--sampler", "shuffle", "--sigma", "2", "--steps", "16", "--delta", "1e-5"]
+    payload = account_json(args)
+    assert payload["certified"] is False
+    assert payload["method"] == "lower-bound"
+    assert payload["epsilon"] is None
+    assert payload["kind"] == "lower bound (not a guarantee)"
+    # Optimistic 1-of-T allocation <= certified 1-of-T allocation (balanced, k=1).
+    certified = account_json(["--sampler", "balanced", "--k", "1", *args[2:]])
+    assert 0 < payload["lower_bound"] <= certified["epsilon"]
+    table = invoke(["account", *args])
+    assert table.exit_code == 0
+    assert "lower bound (not a guarantee)" in table.stdout
+    assert "ε <=" not in table.stdout
+
+
+def test_monte_carlo_is_labelled_an_estimate_and_never_chosen_as_best() -> None:
+    args = ["--sampler", "balanced", "--sigma", "1", "--steps", "4", "--k", "1", "--delta", "1e-2"]
+    estimate = account_json([*args, "--method", "mc", "--mc-samples", "2000"])
+    assert estimate["method"] == "mc"
+    assert estimate["certified"] is False
+    assert estimate["kinds"]["mc"].startswith("estimate")
+    assert estimate["mc"]["confidence"] == 0.95
+    assert estimate["mc"]["epsilon_lower"] <= estimate["epsilon"]
+    best = account_json([*args, "--mc-samples", "2000"])
+    assert best["method"] in ("rdp", "pld")
+    assert best["epsilon"] == min(certified_values(best).values())
+
+
+def test_calibrate_epsilon_never_exceeds_target() -> None:
+    args = ["--sampler", "poisson", "--steps", "16", "--k", "2", "--delta", "1e-5"]
+    result = invoke(
+        ["account", "calibrate", "--epsilon", "1.5", *args, "--method", "rdp", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["certified"] is True
+    assert payload["target_epsilon"] == 1.5
+    assert 0 < payload["epsilon"] <= 1.5
+    event = training_event("poisson", payload["sigma"], 16, k=2)
+    assert RdpAccountant().compose(event).epsilon(1e-5) <= 1.5
+
+
+def test_plot_is_written_and_non_empty(tmp_path: Path) -> None:
+    out = tmp_path / "plots" / "eps.png"
+    payload = account_json(
+        [
+            "--sampler",
+            "shuffle",
+            "--sigma",
+            "2",
+            "--steps",
+            "16",
+            "--delta",
+            "1e-5",
+            "--plot",
+            str(out),
+        ]
+    )
+    assert out.stat().st_size > 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    series = payload["plot"]["series"]
+    assert any(name.startswith("Poisson") for name in series)
+    assert any(name.startswith("BIS") for name in series)
+    assert any("lower bound" in name for name in series)
+
+
+ACC = ["account", "--steps", "8"]
+CAL = ["account", "calibrate", "--steps", "8"]
+BAD_INPUTS = [
+    ([*ACC, "--sampler", "balanced", "--sigma", "0", "--k", "1"], "--sigma"),
+    ([*ACC, "--sampler", "balanced", "--sigma", "-1", "--k", "1"], "--sigma"),
+    ([*ACC, "--sampler", "balanced", "--sigma", "nan", "--k", "1"], "--sigma"),
+    ([*ACC, "--sampler", "balanced", "--sigma", "inf", "--k", "1"], "--sigma"),
+    ([*ACC, "--sampler", "balanced", "--sigma", "1", "--k", "9"], "--k"),
+    ([*ACC, "--sampler", "balanced", "--sigma", "1", "--k", "0"], "--k"),
+    (["account", "--sampler", "balanced", "--sigma", "1", "--steps", "0", "--k", "1"], "--steps"),
+    ([*ACC, "--sampler", "balanced", "--sigma", "1"], "--k"),
+    ([*ACC, "--sampler", "poisson", "--sigma", "1"], "--k or --q"),
+    ([*ACC, "--sampler", "poisson", "--sigma", "1", "--q", "nan"], "--q"),
+    ([*ACC, "--sampler", "poisson", "--sigma", "1", "--q", "1.5"], "--q"),
+    ([*ACC, "--sampler", "uniform", "--sigma", "1", "--k", "1"], "--sampler"),
+    ([*ACC, "--sampler", "balanced", "--sigma", "1", "--k", "1", "--epochs", "0"], "--epochs"),
+    ([*ACC, "--sampler", "balanced", "--sigma", "1", "--k", "1", "--method", "x"], "--method"),
+    ([*ACC, "--sampler", "poisson", "--sigma", "1", "--k", "1", "--method", "mc"], "--method mc"),
+    ([*ACC, "--sampler", "shuffle", "--sigma", "1", "--k", "2"], "--k"),
+    (["account", "--sigma", "1", "calibrate"], "calibrate"),
+    ([*CAL, "--epsilon", "nan", "--sampler", "poisson", "--k", "1"], "--epsilon"),
+    ([*CAL, "--epsilon", "0", "--sampler", "poisson", "--k", "1"], "--epsilon"),
+    ([*CAL, "--epsilon", "1", "--sampler", "shuffle"], "shuffle"),
+    ([*CAL, "--epsilon", "1", "--sampler", "poisson", "--k", "1", "--method", "mc"], "--method"),
+]
+BAD_DELTAS = ["0", "1", "1.5", "-1e-5", "nan"]
+
+
+def assert_clean_error(result: Any, name: str) -> None:
+    assert result.exit_code != 0
+    # A clean exit (typer.Exit / SystemExit), not an exception caught by the test runner.
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    message = result.stderr.strip()
+    assert message.startswith("Error: "), message
+    assert "\n" not in message, message
+    assert name in message, message
+
+
+@pytest.mark.parametrize(("args", "name"), BAD_INPUTS)
+def test_bad_input_gives_one_line_error_naming_the_parameter(args: list[str], name: str) -> None:
+    needs_delta = args[1] != "--sigma"
+    assert_clean_error(invoke([*args, "--delta", "1e-5"] if needs_delta else args), name)
+
+
+@pytest.mark.parametrize("delta", BAD_DELTAS)
+def test_bad_delta_gives_one_line_error_naming_delta(delta: str) -> None:
+    schedule = ["--sampler", "balanced", "--steps", "8", "--k", "1", "--delta", delta]
+    assert_clean_error(invoke(["account", "--sigma", "1", *schedule]), "--delta")
+    assert_clean_error(invoke(["account", "calibrate", "--epsilon", "1", *schedule]), "--delta")
+
+
+def test_bad_input_in_a_subprocess_has_no_traceback() -> None:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "asymflow", "account", "--sampler", "balanced"),
+            *("--sigma", "nan", "--steps", "8", "--k", "1", "--delta", "1e-5", "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "Error: --sigma must be a finite number > 0, got nan"
+
+
+def test_ledger_show_lists_rows_and_the_epsilon_spent(tmp_path: Path) -> None:
+    ledger_module = pytest.importorskip("asymflow.accounting.ledger")
+    event = training_event("balanced", 2.0, 16, k=2)
+    with ledger_module.PrivacyLedger.for_run(tmp_path) as ledger:
+        ledger.record(event, dataset="digits", note="pass 1")
+        ledger.record(Gaussian(8.0), dataset="digits", count=2, note="residuals")
+        expected = ledger.epsilon(1e-5)
+    result = invoke(["ledger", "show", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [row["count"] for row in payload["entries"]] == [1, 2]
+    assert event_from_dict(payload["entries"][0]["event"]) == event
+    assert payload["epsilon"] == expected.epsilon
+    assert payload["certified"] is True
+    table = invoke(["ledger", "show", str(tmp_path)])
+    assert table.exit_code == 0, table.output
+    assert "residuals" in table.stdout
+    assert "ε spent" in table.stdout
+
+
+def test_ledger_show_of_a_missing_run_dir_is_a_clean_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-run"
+    assert_clean_error(invoke(["ledger", "show", str(missing)]), "RUN_DIR")
+    assert not missing.exists()  # showing must not create a ledger
+
+
+def test_demo_writes_summary_and_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in [
+        ("DEMO_STEPS", 16),
+        ("DEMO_KS", (1, 2)),
+        ("DEMO_K", 2),
+        ("DEMO_SIGMA", 2.0),
+    ]:
+        monkeypatch.setattr(cli, name, value)
+    monkeypatch.setattr(cli, "DEMO_REL_TOL", 0.2)
+    result = invoke(["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "account.json").read_text())
+    samplers = [q["query"]["sampler"] for q in summary["queries"]]
+    assert samplers.count("balanced") == samplers.count("poisson") == 2
+    assert summary["queries"][-1]["certified"] is False
+    assert summary["calibration"]["epsilon"] <= summary["calibration"]["target_epsilon"]
+    assert (tmp_path / "epsilon_vs_steps.png").stat().st_size > 0
+
+
+def test_infinity_is_written_as_the_string_inf() -> None:
+    assert cli._jsonable({"a": [math.inf, 1.0], "b": None}) == {"a": ["inf", 1.0], "b": None}
+
+
+def test_version_option() -> None:
+    result = invoke(["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("asymflow ")

@@ -284,11 +284,16 @@ def _average(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Law of the average of n_a + n_b iid draws from averages of n_a and of n_b draws."""
     (va, ma, na), (vb, mb, nb) = a, b
-    va, ma = _thin(va, ma, upper)
-    vb, mb = _thin(vb, mb, upper)
     n = na + nb
-    values = (na * va[:, None] + nb * vb[None, :]).ravel() / n
-    mass = (ma[:, None] * mb[None, :]).ravel()
+    va, ma = _thin(va, ma, upper)
+    if a is b:  # doubling: the law is symmetric, so take pairs i <= j once (off-diagonal x2)
+        i, j = np.triu_indices(va.size)
+        values = (va[i] + va[j]) / 2
+        mass = ma[i] * ma[j] * np.where(i == j, 1.0, 2.0)
+    else:
+        vb, mb = _thin(vb, mb, upper)
+        values = (na * va[:, None] + nb * vb[None, :]).ravel() / n
+        mass = (ma[:, None] * mb[None, :]).ravel()
     nz = mass > 0
     values, mass = values[nz], mass[nz]
     vals, m = _rebin(values, mass, _grid(values, mass, points), upper)

@@ -1,0 +1,126 @@
+"""The noisy aggregation of one DP-SGD step, shared by plain and partitioned training.
+
+Abadi et al., "Deep Learning with Differential Privacy", CCS 2016, Algorithm 1, with the
+masking of Dong, Chen, Ozgur 2025 (arXiv 2503.03043, Sec. 3) in front of the clipping. For a
+batch S (any size, possibly empty), per-sample gradients g_i (from Opacus's GradSampleModule),
+per-sample masks m_i (:meth:`PartitionPlan.draw_masks`) and the two parts of the parameters
+(split part A, shared part B; B is empty unless partial splitting is used):
+
+    h_i   = m_i * g_i                                    (zero outside the record's block)
+    c_i^P = h_i^P * min(1, C_P / ||h_i^P||_2)            for each part P in {A, B}
+    G^P   = sum_{i in S} c_i^P + N(0, sigma^2 C_P^2 I)   (noise on EVERY coordinate of P)
+    grad  = G / B_bar                                    (B_bar: the FIXED expected batch size)
+
+The privacy analysis is about the noisy sum G: the L2 sensitivity of sum_i c_i^P is C_P under
+add/remove of one record. Dividing by a data-independent constant B_bar (kN/T for BIS, qN for
+Poisson) is post-processing. Dividing by the realized |S| would not be: |S| depends on which
+records are present, and it is not covered by the Gaussian mechanism's guarantee. An empty batch
+still releases the noise, G = N(0, sigma^2 C^2 I), exactly as the accountant assumes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from asymflow.dpsgd.partition import SHARED, PartitionPlan
+
+__all__ = ["clip_factors", "noisy_gradient_sum", "set_private_gradients"]
+
+
+def _check_positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number > 0, got {name}={value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {name}={value}")
+    return value
+
+
+def clip_factors(norms: Tensor, clip: float) -> Tensor:
+    """Per-sample factors min(1, C / ||g_i||), equal to 1 where the norm is 0."""
+    safe = torch.where(norms > clip, norms, torch.full_like(norms, clip))
+    return clip / safe
+
+
+def noisy_gradient_sum(
+    grad_samples: Sequence[Tensor],
+    plan: PartitionPlan,
+    *,
+    clip: float,
+    sigma: float,
+    generator: torch.Generator,
+    shared_clip: float | None = None,
+) -> list[Tensor]:
+    """G per parameter (see the module docstring): masked, clipped, summed and noised.
+
+    ``grad_samples[j]`` has shape (B, *shape_j), B >= 0 shared by all parameters, in the order
+    of ``plan.names``. ``clip`` is C_A (the whole gradient without a shared part), and
+    ``shared_clip`` is C_B (default ``clip``). Masks are drawn first, then noise for each
+    parameter in order, all from ``generator``.
+    """
+    clip = _check_positive("clip", clip)
+    shared_clip = clip if shared_clip is None else _check_positive("shared_clip", shared_clip)
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma >= 0:
+        raise ValueError(f"sigma must be a finite number >= 0, got sigma={sigma!r}")
+    if not math.isfinite(sigma):
+        raise ValueError(f"sigma must be a finite number >= 0, got sigma={sigma}")
+    if len(grad_samples) != len(plan.names):
+        raise ValueError(
+            f"grad_samples must hold one tensor per plan parameter ({len(plan.names)}), "
+            f"got {len(grad_samples)}"
+        )
+    batch = {int(g.shape[0]) for g in grad_samples}
+    if len(batch) != 1:
+        raise ValueError(f"grad_samples must share the batch dimension, got sizes {batch}")
+    (size,) = batch
+    shapes = [g.shape[1:] for g in grad_samples]
+    masks = plan.draw_masks(size, shapes, generator)
+    masked = [
+        g if m is None else g * m.to(device=g.device, dtype=g.dtype)
+        for g, m in zip(grad_samples, masks, strict=True)
+    ]
+    device = masked[0].device
+    sq = {part: torch.zeros(size, device=device, dtype=torch.float32) for part in ("A", "B")}
+    parts = ["B" if b == SHARED else "A" for b in plan.block_of]
+    for h, part in zip(masked, parts, strict=True):
+        sq[part] = sq[part] + h.flatten(1).float().pow(2).sum(dim=1)
+    clips = {"A": clip, "B": shared_clip}
+    factors = {part: clip_factors(sq[part].sqrt(), clips[part]) for part in ("A", "B")}
+    out = []
+    for h, part in zip(masked, parts, strict=True):
+        total = torch.einsum("i,i...->...", factors[part].to(h.dtype), h)
+        if sigma > 0:
+            noise = torch.randn(total.shape, generator=generator, device=generator.device)
+            total = total + (sigma * clips[part]) * noise.to(device=total.device, dtype=total.dtype)
+        out.append(total)
+    return out
+
+
+def set_private_gradients(
+    params: Sequence[nn.Parameter],
+    grad_samples: Sequence[Tensor],
+    plan: PartitionPlan,
+    *,
+    clip: float,
+    sigma: float,
+    expected_batch_size: float,
+    generator: torch.Generator,
+    shared_clip: float | None = None,
+) -> None:
+    """Set ``p.grad = G / B_bar`` for every parameter (``B_bar = expected_batch_size``, a fixed
+    constant; see the module docstring). The caller then records the step in the ledger and
+    calls ``optimizer.step()``."""
+    expected = _check_positive("expected_batch_size", expected_batch_size)
+    if len(params) != len(plan.names):
+        raise ValueError(f"params must hold the plan's {len(plan.names)} parameters")
+    sums = noisy_gradient_sum(
+        grad_samples, plan, clip=clip, sigma=sigma, generator=generator, shared_clip=shared_clip
+    )
+    for p, total in zip(params, sums, strict=True):
+        if total.shape != p.shape:
+            raise ValueError(f"grad_samples must match parameter shapes, got {tuple(total.shape)}")
+        p.grad = (total / expected).to(p.dtype)

@@ -1,0 +1,257 @@
+"""DP-SGD run configuration and run-directory files.
+
+A run directory holds (DESIGN.md sec. 1): ``config.json`` (:class:`DpsgdConfig`),
+``metrics.jsonl`` (one row per epoch: test accuracy and the certified epsilon so far),
+``ledger.sqlite`` (one row per BIS pass or Poisson epoch, written before its first update),
+``ckpt/epoch{N}.pt`` (the latest epoch's model, optimizer and accountant state) and
+``result.json``. No metric is computed on the private training data: a training loss or batch
+size would be a release the ledger does not cover.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asymflow.accounting.best import CERTIFIED_METHODS
+from asymflow.dpsgd.partition import UNITS, PartitionSpec
+
+__all__ = [
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "MODELS",
+    "RESULT_FILE",
+    "SAMPLERS",
+    "DpsgdConfig",
+    "append_metrics",
+    "atomic_write_json",
+    "read_config",
+    "read_metrics",
+    "save_checkpoint",
+]
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+CKPT_DIR = "ckpt"
+SAMPLERS: tuple[str, ...] = ("balanced", "poisson", "shuffle")
+MODELS: tuple[str, ...] = ("resnet20", "resnet18", "resnet34")
+NORMS: tuple[str, ...] = ("group", "batch")
+
+
+def _int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
+
+
+def _number(name: str, value: object, low: float, high: float, *, open_low: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if ok:
+        ok = (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {name}={value!r}")
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {name}={value!r}")
+
+
+@dataclass(frozen=True)
+class DpsgdConfig:
+    """Everything that defines a DP-SGD run; the defaults fit the digits demo on a CPU.
+
+    Sampling: ``sampler="balanced"`` is BIS(k, T) with T = ``steps`` steps per pass (default
+    round(k N / batch_size)); ``"poisson"`` uses q (default k/T) for T steps per epoch;
+    ``"shuffle"`` is refused at run time (no certified bound). Either ``sigma`` or
+    ``target_epsilon`` (at ``delta``, for all ``epochs``) must be given. ``clip`` is C (the
+    split part's C with partial splitting), ``shared_clip`` is C_shared (default ``clip``).
+    ``partition`` is ``none``, ``split:d`` or ``dropout:0.5``; ``shared`` lists parameter-name
+    prefixes that every record updates. ``sampler_seed``/``noise_seed`` = None (production)
+    draw from the OS's secure source and are never stored; the sampling and the noise must
+    stay secret for the guarantee to hold.
+    """
+
+    data: str = "digits"
+    model: str = "resnet20"
+    width: float = 0.25
+    norm: str = "group"
+    sampler: str = "balanced"
+    k: int = 1
+    steps: int | None = None
+    batch_size: int = 64
+    q: float | None = None
+    epochs: int = 5
+    sigma: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    clip: float = 1.0
+    shared_clip: float | None = None
+    partition: str = "none"
+    shared: tuple[str, ...] = ()
+    partition_unit: str = "layer"
+    lr: float = 0.5
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    augment: bool = False
+    eval_batch_size: int = 256
+    seed: int = 0
+    sampler_seed: int | None = None
+    noise_seed: int | None = None
+    methods: tuple[str, ...] = ("rdp", "pld")
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, str) or not self.data:
+            raise ValueError(f"data must be a data spec such as 'digits', got {self.data!r}")
+        _choice("model", self.model, MODELS)
+        _choice("norm", self.norm, NORMS)
+        _choice("sampler", self.sampler, SAMPLERS)
+        _choice("partition_unit", self.partition_unit, UNITS)
+        _number("width", self.width, 0.0, 16.0, open_low=True)
+        _int("k", self.k, 1)
+        if self.steps is not None:
+            _int("steps", self.steps, 1)
+            if self.k > self.steps:
+                raise ValueError(
+                    f"k must satisfy 1 <= k <= steps, got k={self.k}, steps={self.steps}"
+                )
+        _int("batch_size", self.batch_size, 1)
+        if self.q is not None:
+            _number("q", self.q, 0.0, 1.0, open_low=True)
+            if self.sampler != "poisson":
+                raise ValueError(f"q applies to sampler 'poisson' only, got sampler={self.sampler}")
+        _int("epochs", self.epochs, 1)
+        if (self.sigma is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "exactly one of sigma and target_epsilon must be given, got "
+                f"sigma={self.sigma!r}, target_epsilon={self.target_epsilon!r}"
+            )
+        if self.sigma is not None:
+            _number("sigma", self.sigma, 0.0, 1e6, open_low=True)
+        if self.target_epsilon is not None:
+            _number("target_epsilon", self.target_epsilon, 0.0, 1e4, open_low=True)
+        _number("delta", self.delta, 0.0, 1.0, open_low=True)
+        if self.delta >= 1:
+            raise ValueError(f"delta must satisfy 0 < delta < 1, got delta={self.delta}")
+        _number("clip", self.clip, 0.0, 1e6, open_low=True)
+        if self.shared_clip is not None:
+            _number("shared_clip", self.shared_clip, 0.0, 1e6, open_low=True)
+        PartitionSpec.parse(self.partition)
+        object.__setattr__(self, "shared", tuple(self.shared))
+        if any(not isinstance(s, str) or not s for s in self.shared):
+            raise ValueError(f"shared must list non-empty name prefixes, got {self.shared!r}")
+        if self.shared and PartitionSpec.parse(self.partition).kind == "none":
+            raise ValueError("shared parameters need partition 'split:d' or 'dropout:0.5'")
+        _number("lr", self.lr, 0.0, 100.0, open_low=True)
+        _number("momentum", self.momentum, 0.0, 0.999)
+        _number("weight_decay", self.weight_decay, 0.0, 1.0)
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"augment must be a bool, got augment={self.augment!r}")
+        _int("eval_batch_size", self.eval_batch_size, 1)
+        _int("seed", self.seed, 0)
+        for name in ("sampler_seed", "noise_seed"):
+            if getattr(self, name) is not None:
+                _int(name, getattr(self, name), 0)
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if not self.methods or any(m not in CERTIFIED_METHODS for m in self.methods):
+            raise ValueError(
+                f"methods must be a non-empty subset of {sorted(CERTIFIED_METHODS)}, "
+                f"got methods={self.methods!r}"
+            )
+        _int("threads", self.threads, 1)
+
+    @property
+    def partition_spec(self) -> PartitionSpec:
+        """The parsed ``partition``."""
+        return PartitionSpec.parse(self.partition)
+
+    def steps_for(self, num_samples: int) -> int:
+        """T, the steps per pass or epoch: ``steps``, else max(k, round(k N / batch_size))."""
+        if self.steps is not None:
+            return self.steps
+        return max(self.k, round(self.k * num_samples / self.batch_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (tuples as lists)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DpsgdConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are refused."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"config keys must be among DpsgdConfig fields, got {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    """Temp file in the same directory, fsync, ``os.replace``: never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write pretty JSON atomically."""
+    _atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_config(run_dir: str | os.PathLike[str]) -> DpsgdConfig:
+    """``config.json`` of a run directory."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"run_dir must hold a {CONFIG_FILE}, got run_dir={str(run_dir)!r}")
+    return DpsgdConfig.from_dict(json.loads(path.read_text()))
+
+
+def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
+    """Append one JSON line to ``metrics.jsonl`` (flushed and fsynced)."""
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(dict(row), sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All rows of ``metrics.jsonl`` (empty if there is none)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def save_checkpoint(run_dir: Path, epoch: int, state: Mapping[str, Any]) -> Path:
+    """Write ``ckpt/epoch{epoch}.pt`` atomically and delete older epochs' checkpoints."""
+    directory = run_dir / CKPT_DIR
+    path = directory / f"epoch{epoch}.pt"
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    _atomic_write(path, buffer.getvalue())
+    for old in directory.glob("epoch*.pt"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,389 @@
+"""DP-SGD training with our batch samplers, our accountant and optional model partitioning.
+
+One step (Abadi et al., CCS 2016, Alg. 1; Dong, Chen, Ozgur, ICML 2025, Sec. 3 for the masks):
+
+1. the sampler (BIS(k, T) or Poisson(q), :mod:`asymflow.sampling`) yields a batch S, maybe empty;
+2. Opacus's ``GradSampleModule`` gives the per-sample gradients g_i of CE(f(x_i), y_i);
+3. :func:`asymflow.dpsgd.aggregate.set_private_gradients` masks each g_i to its record's block,
+   clips (C, and C_shared for a shared part), sums, adds N(0, sigma^2 C^2) to EVERY coordinate
+   and divides by the fixed expected batch size B_bar = kN/T (BIS) or qN (Poisson). Dividing by
+   a constant is post-processing of the Gaussian mechanism on the sum; the realized |S|, which
+   depends on who is in the data, is never used. An empty batch releases pure noise / B_bar;
+4. :class:`asymflow.dpsgd.opacus_accountant.AsymflowAccountant` accounts the step, writing the
+   ledger row of a new BIS pass (or Poisson epoch) BEFORE
+5. ``optimizer.step()`` applies the update.
+
+The plain and the partitioned cases run the same code; plain DP-SGD is the plan with one block.
+Opacus's ``DPOptimizer`` is not used here (it cannot mask per record); see
+:mod:`asymflow.dpsgd.engine` for plain DP-SGD through ``PrivacyEngine.make_private``.
+``sigma`` comes from the config or from :func:`asymflow.accounting.noise_for_epsilon` on the
+exact schedule (see :func:`asymflow.dpsgd.partition.step_accounting` for the events).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from opacus import GradSampleModule
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from torch import Tensor, nn
+from torch.nn import functional
+
+from asymflow.accounting.best import best_epsilon
+from asymflow.accounting.calibrate import noise_for_epsilon
+from asymflow.accounting.ledger import PrivacyLedger
+from asymflow.data import load_data
+from asymflow.dpsgd.aggregate import set_private_gradients
+from asymflow.dpsgd.engine import validate_model
+from asymflow.dpsgd.loader import make_sampler, private_loader
+from asymflow.dpsgd.opacus_accountant import AsymflowAccountant
+from asymflow.dpsgd.partition import PartitionPlan, StepAccounting, plan_partition, step_accounting
+from asymflow.dpsgd.runs import (
+    CONFIG_FILE,
+    RESULT_FILE,
+    DpsgdConfig,
+    append_metrics,
+    atomic_write_json,
+    save_checkpoint,
+)
+from asymflow.models import build_model
+
+__all__ = ["DpsgdResult", "calibrated_sigma", "private_step", "train_dpsgd"]
+
+_BACKWARD_HOOK_WARNING = "Full backward hook is firing when gradients are computed"
+
+
+@dataclass(frozen=True)
+class DpsgdResult:
+    """Summary of a run; ``epsilon`` is recomputed from the ledger (the source of truth)."""
+
+    run_dir: str
+    sigma: float
+    epsilon: float
+    delta: float
+    method: str
+    test_acc: float
+    epochs: int
+    steps_per_epoch: int
+    expected_batch_size: float
+    accounting: str
+    partition: dict[str, Any]
+    calibrated: bool
+    seconds: float
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (an infinite epsilon is written as the string ``"inf"``)."""
+        out = asdict(self)
+        if math.isinf(out["epsilon"]):
+            out["epsilon"] = "inf"
+        return out
+
+
+class _Bars:
+    """Rich progress bars on stderr: epochs, and the steps of the current epoch."""
+
+    def __init__(self, enabled: bool, epochs: int) -> None:
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=Console(stderr=True),
+            disable=not enabled,
+        )
+        self.epochs = epochs
+        self.epoch_task: TaskID | None = None
+        self.step_task: TaskID | None = None
+
+    def __enter__(self) -> _Bars:
+        self.progress.__enter__()
+        self.epoch_task = self.progress.add_task("dp-sgd epochs", total=self.epochs, info="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        if self.step_task is not None:
+            self.progress.remove_task(self.step_task)
+        self.step_task = self.progress.add_task(f"  epoch {epoch}", total=steps, info="")
+
+    def step(self) -> None:
+        if self.step_task is not None:
+            self.progress.advance(self.step_task)
+
+    def epoch_done(self, info: str) -> None:
+        if self.epoch_task is not None:
+            self.progress.update(self.epoch_task, advance=1, info=info)
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def calibrated_sigma(
+    config: DpsgdConfig, steps: int, accounting: StepAccounting
+) -> tuple[float, float | None]:
+    """(sigma, certified epsilon of the whole schedule or None if sigma was given).
+
+    With a target, sigma = s * ``accounting.sigma_divisor`` where s comes from
+    :func:`noise_for_epsilon` on the same schedule with ``parts = accounting.parts``; the
+    bisection returns an s whose own certified epsilon is <= the target, so it never overshoots.
+    """
+    if config.sigma is not None:
+        return float(config.sigma), None
+    assert config.target_epsilon is not None
+    calibration = noise_for_epsilon(
+        config.target_epsilon,
+        config.delta,
+        config.sampler,
+        steps,
+        k=config.k,
+        q=config.q,
+        epochs=config.epochs,
+        parts=accounting.parts,
+        methods=config.methods,
+    )
+    return calibration.sigma * accounting.sigma_divisor, calibration.epsilon
+
+
+def _grad_samples(params: Sequence[nn.Parameter]) -> list[Tensor]:
+    out = []
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            raise ValueError("every trainable parameter must take part in the forward pass")
+        if not isinstance(gs, Tensor):
+            raise ValueError("one backward pass per step: grad_sample must be a single tensor")
+        out.append(gs)
+    return out
+
+
+def private_step(
+    module: GradSampleModule,
+    params: Sequence[nn.Parameter],
+    plan: PartitionPlan,
+    batch: tuple[Tensor, Tensor],
+    *,
+    optimizer: torch.optim.Optimizer,
+    accountant: AsymflowAccountant,
+    clip: float,
+    sigma: float,
+    expected_batch_size: float,
+    generator: torch.Generator,
+    shared_clip: float | None = None,
+) -> None:
+    """One DP-SGD step on ``batch`` (see the module docstring); an empty batch adds noise only.
+
+    ``params`` must be the plan's parameters (:meth:`PartitionPlan.parameters`) of the model
+    wrapped by ``module`` (built with ``loss_reduction="sum"``).
+    """
+    if module.loss_reduction != "sum":
+        raise ValueError("module must be a GradSampleModule with loss_reduction='sum'")
+    x, y = batch
+    for p in params:
+        p.grad = None
+        p.grad_sample = None
+    if len(y) > 0:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_BACKWARD_HOOK_WARNING)
+            loss = functional.cross_entropy(module(x), y, reduction="sum")
+            loss.backward()
+        grad_samples = _grad_samples(params)
+    else:
+        grad_samples = [torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+    set_private_gradients(
+        params,
+        grad_samples,
+        plan,
+        clip=clip,
+        sigma=sigma,
+        expected_batch_size=expected_batch_size,
+        generator=generator,
+        shared_clip=shared_clip,
+    )
+    accountant.step(noise_multiplier=sigma, sample_rate=accountant.sample_rate)  # ledger first
+    optimizer.step()
+    for p in params:
+        p.grad_sample = None
+
+
+@torch.no_grad()
+def _test_accuracy(model: nn.Module, dataset: Any, batch_size: int) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(dataset), batch_size):
+        x, y = dataset.get_batch(range(start, min(start + batch_size, len(dataset))))
+        correct += int((model(x).argmax(1) == y).sum())
+    model.train()
+    return correct / max(1, len(dataset))
+
+
+def _seed(value: int | None) -> int:
+    return secrets.randbits(63) if value is None else int(value)
+
+
+def train_dpsgd(
+    config: DpsgdConfig, run_dir: str | os.PathLike[str], *, progress: bool = True
+) -> DpsgdResult:
+    """Train ``config`` into the new directory ``run_dir`` and return the summary.
+
+    Writes config.json, metrics.jsonl (per epoch), ledger.sqlite (per pass/epoch, ahead of
+    the updates), ckpt/epoch{N}.pt and result.json. Refuses BatchNorm models, the shuffle
+    sampler and an existing run directory.
+    """
+    if not isinstance(config, DpsgdConfig):
+        raise TypeError(f"config must be a DpsgdConfig, got {type(config).__name__}")
+    run_path = Path(run_dir)
+    if (run_path / CONFIG_FILE).exists():
+        raise FileExistsError(f"run_dir already holds a run ({run_path}); use a new directory")
+    began = time.perf_counter()
+    with _threads(config.threads):
+        data = load_data(config.data, progress=progress)
+        train_set, test_set = data.tensor_datasets(augment=config.augment, seed=config.seed)
+        n = len(train_set)
+        _, _, channels = data.train.image_shape
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = build_model(
+                config.model,
+                num_classes=len(data.classes),
+                in_channels=channels,
+                norm=config.norm,
+                width=config.width,
+            )
+        validate_model(model)
+        plan = plan_partition(
+            model, config.partition_spec, shared=config.shared, unit=config.partition_unit
+        )
+        steps = config.steps_for(n)
+        sampler = make_sampler(
+            config.sampler,
+            n,
+            steps=steps,
+            k=config.k,
+            q=config.q,
+            seed=_seed(config.sampler_seed),
+        )
+        accounting = step_accounting(
+            config.partition_spec, config.sampler, has_shared=bool(plan.shared)
+        )
+        sigma, planned_epsilon = calibrated_sigma(config, steps, accounting)
+        run_path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_path / CONFIG_FILE, config.to_dict())
+        ledger = PrivacyLedger.for_run(run_path)
+        try:
+            accountant = AsymflowAccountant(
+                sampler,
+                ledger=ledger,
+                dataset=config.data,
+                step_event=accounting.event,
+                note=f"dp-sgd sigma={sigma:.6g}; {accounting.note}",
+                methods=config.methods,
+            )
+            module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+            params = plan.parameters(model)
+            optimizer = torch.optim.SGD(
+                params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            )
+            generator = torch.Generator().manual_seed(_seed(config.noise_seed))
+            loader = private_loader(train_set, sampler)
+            metrics: list[dict[str, Any]] = []
+            acc = 0.0
+            with _Bars(progress, config.epochs) as bars:
+                for epoch in range(1, config.epochs + 1):
+                    bars.start_epoch(epoch, len(sampler))
+                    train_set.set_epoch(epoch)
+                    for batch in loader:
+                        private_step(
+                            module,
+                            params,
+                            plan,
+                            batch,
+                            optimizer=optimizer,
+                            accountant=accountant,
+                            clip=config.clip,
+                            sigma=sigma,
+                            expected_batch_size=sampler.expected_batch_size,
+                            generator=generator,
+                            shared_clip=config.shared_clip,
+                        )
+                        bars.step()
+                    acc = _test_accuracy(model, test_set, config.eval_batch_size)
+                    report = accountant.epsilon_report(config.delta)
+                    row = {
+                        "epoch": epoch,
+                        "steps": len(accountant),
+                        "test_acc": acc,
+                        "epsilon": report.epsilon,
+                        "epsilon_method": report.method,
+                        "delta": config.delta,
+                        "sigma": sigma,
+                        "accounting": accounting.note,
+                    }
+                    append_metrics(run_path, row)
+                    metrics.append(row)
+                    save_checkpoint(
+                        run_path,
+                        epoch,
+                        {
+                            "epoch": epoch,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "accountant": accountant.state_dict(),
+                            "config": config.to_dict(),
+                        },
+                    )
+                    bars.epoch_done(f"acc {acc:.3f}  eps {report.epsilon:.3f}")
+            accountant.finish()
+            final = best_epsilon(
+                ledger.composed_event(dataset=config.data), config.delta, config.methods
+            )
+        finally:
+            ledger.close()
+    result = DpsgdResult(
+        run_dir=str(run_path),
+        sigma=sigma,
+        epsilon=final.epsilon,
+        delta=config.delta,
+        method=final.method,
+        test_acc=acc,
+        epochs=config.epochs,
+        steps_per_epoch=steps,
+        expected_batch_size=sampler.expected_batch_size,
+        accounting=accounting.note,
+        partition=plan.describe(),
+        calibrated=planned_epsilon is not None,
+        seconds=time.perf_counter() - began,
+        metrics=metrics,
+    )
+    atomic_write_json(run_path / RESULT_FILE, result.to_dict())
+    return result

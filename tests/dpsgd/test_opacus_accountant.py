@@ -1,0 +1,247 @@
+"""The Opacus adapter in real Opacus loops: BIS and Poisson events, the ledger, state dicts."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from torch.nn import functional
+
+from asymflow.accounting import (
+    BalancedSampled,
+    Gaussian,
+    ModelPartitioned,
+    PoissonSampled,
+    SelfComposed,
+    UnsupportedEventError,
+    best_epsilon,
+)
+from asymflow.accounting.ledger import PrivacyLedger
+from asymflow.dpsgd.engine import make_private_with_sampler
+from asymflow.dpsgd.loader import EmptySafeCollate
+from asymflow.dpsgd.opacus_accountant import MECHANISM, AsymflowAccountant
+from asymflow.sampling import BalancedIterationSampler, PoissonSampler, ShuffleSampler
+from tests.dpsgd.tiny import tiny_cnn, tiny_data
+
+DELTA = 1e-5
+RDP = ("rdp",)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[PrivacyLedger]:
+    with PrivacyLedger.for_run(tmp_path / "run") as opened:
+        yield opened
+
+
+def _engine() -> PrivacyEngine:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        return PrivacyEngine()
+
+
+def _opacus_run(sampler, ledger, *, sigma: float, epochs: int):
+    """Plain Opacus DP-SGD (GradSampleModule + DPOptimizer) with our sampler and accountant.
+
+    Returns the accountant and, for every parameter update, the number of ledger rows that
+    existed when the update was applied."""
+    model = tiny_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    module, dp_optimizer, loader, accountant = make_private_with_sampler(
+        privacy_engine=_engine(),
+        module=model,
+        optimizer=optimizer,
+        dataset=tiny_data(sampler.num_samples),
+        sampler=sampler,
+        noise_multiplier=sigma,
+        max_grad_norm=1.0,
+        ledger=ledger,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
+    rows_at_update: list[int] = []
+    inner_step = dp_optimizer.original_optimizer.step
+
+    def watched_step(*args, **kwargs):
+        rows_at_update.append(len(ledger.entries()))
+        return inner_step(*args, **kwargs)
+
+    dp_optimizer.original_optimizer.step = watched_step
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(epochs):
+            for x, y in loader:
+                dp_optimizer.zero_grad()
+                functional.cross_entropy(module(x), y).backward()
+                dp_optimizer.step()
+    accountant.finish()
+    return accountant, rows_at_update, dp_optimizer
+
+
+def test_bis_in_opacus_loop_ledger_epsilon_equals_sampler_event(ledger: PrivacyLedger) -> None:
+    """Two BIS passes through Opacus record two pass events, each before the pass's first
+    update, and the ledger's epsilon (RDP and PLD) equals the sampler's own event's."""
+    sigma, k, steps, passes = 2.0, 2, 8, 2
+    sampler = BalancedIterationSampler(24, k, steps, seed=3)
+    accountant, rows_at_update, dp_optimizer = _opacus_run(
+        sampler, ledger, sigma=sigma, epochs=passes
+    )
+    assert dp_optimizer.expected_batch_size == pytest.approx(k * 24 / steps)
+    assert rows_at_update == [1] * steps + [2] * steps  # each pass recorded before its updates
+    entries = ledger.entries()
+    assert [e.event for e in entries] == [BalancedSampled(k, steps, Gaussian(sigma))] * passes
+    assert {e.status for e in entries} == {"released"}
+    reference = BalancedIterationSampler(24, k, steps, seed=0, passes=passes)
+    want = best_epsilon(reference.privacy_event(Gaussian(sigma)), DELTA)
+    got = ledger.epsilon(DELTA)
+    assert got.by_method["rdp"] == pytest.approx(want.by_method["rdp"], rel=1e-9)
+    assert got.by_method["pld"] == pytest.approx(want.by_method["pld"], rel=1e-6)
+    accountant.methods = RDP
+    assert accountant.get_epsilon(DELTA) == pytest.approx(want.by_method["rdp"], rel=1e-9)
+    assert len(accountant) == passes * steps
+
+
+def test_poisson_records_one_row_per_epoch_before_its_steps(ledger: PrivacyLedger) -> None:
+    sampler = PoissonSampler(24, 0.25, 4, seed=1)
+    accountant, rows_at_update, _ = _opacus_run(sampler, ledger, sigma=1.5, epochs=2)
+    accountant.methods = RDP
+    assert rows_at_update == [1] * 4 + [2] * 4
+    assert [(e.event, e.count) for e in ledger.entries()] == [
+        (PoissonSampled(0.25, Gaussian(1.5)), 4)
+    ] * 2
+    want = best_epsilon(SelfComposed(PoissonSampled(0.25, Gaussian(1.5)), 8), DELTA, RDP)
+    got = best_epsilon(ledger.composed_event(), DELTA, RDP)
+    assert got.epsilon == pytest.approx(want.epsilon, rel=1e-9)
+    assert accountant.epsilon_report(DELTA).epsilon == pytest.approx(got.epsilon, rel=1e-9)
+
+
+def test_empty_batch_in_opacus_loop_adds_noise(ledger: PrivacyLedger) -> None:
+    sampler = BalancedIterationSampler(24, 1, 6, seed=0)
+    model = tiny_cnn()
+    module, dp_optimizer, _, accountant = make_private_with_sampler(
+        privacy_engine=_engine(),
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        dataset=tiny_data(24),
+        sampler=sampler,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        ledger=ledger,
+    )
+    x, y = EmptySafeCollate(tiny_data(1)[0])([])
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        functional.cross_entropy(module(x), y, reduction="sum").backward()
+    dp_optimizer.step()
+    assert len(accountant) == 1 and len(ledger.entries()) == 1
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.isfinite(p).all()
+        assert bool((p.detach() != b).all())
+
+
+def test_state_dict_round_trips(ledger: PrivacyLedger) -> None:
+    sampler = BalancedIterationSampler(24, 2, 4, seed=0)
+    first = AsymflowAccountant(sampler, ledger=ledger, methods=RDP)
+    for _ in range(6):
+        first.step(noise_multiplier=1.2, sample_rate=0.25)
+    state = first.state_dict()
+    assert state["mechanism"] == MECHANISM == AsymflowAccountant.mechanism()
+    assert state["history"] == [(1.2, 0.5, 6)]
+    second = AsymflowAccountant(sampler, methods=RDP)
+    second.load_state_dict(state)
+    assert second.history == first.history and len(second) == 6
+    assert second.get_epsilon(DELTA) == first.get_epsilon(DELTA)
+    assert second.state_dict() == state
+    # continuing after the restore: steps 7-8 finish the second pass, step 9 starts a third
+    for acc in (first, second):
+        for _ in range(3):
+            acc.step(noise_multiplier=1.2, sample_rate=0.25)
+    assert second.event() == first.event()
+    assert len(first.blocks) == 3
+
+
+def test_state_dict_of_another_sampler_or_mechanism_is_refused() -> None:
+    accountant = AsymflowAccountant(BalancedIterationSampler(24, 2, 4, seed=0), methods=RDP)
+    state = accountant.state_dict()
+    other = AsymflowAccountant(BalancedIterationSampler(24, 1, 4, seed=0), methods=RDP)
+    with pytest.raises(ValueError, match="state_dict sampler must be"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        accountant.load_state_dict({**state, "mechanism": "rdp"})
+
+
+def test_shuffle_sampler_is_refused() -> None:
+    with pytest.raises(ValueError, match="Chua et al"):
+        AsymflowAccountant(ShuffleSampler(24, 4, seed=0))
+
+
+def test_partition_amplification_with_bis_is_refused() -> None:
+    with pytest.raises(UnsupportedEventError, match="no partition amplification"):
+        AsymflowAccountant(
+            BalancedIterationSampler(24, 2, 4, seed=0),
+            step_event=lambda s: ModelPartitioned(2, Gaussian(s)),
+        )
+
+
+def test_noise_change_inside_a_bis_pass_is_refused() -> None:
+    accountant = AsymflowAccountant(BalancedIterationSampler(24, 2, 4, seed=0), methods=RDP)
+    accountant.step(noise_multiplier=1.0, sample_rate=0.25)
+    with pytest.raises(ValueError, match="must stay constant within a BIS pass"):
+        accountant.step(noise_multiplier=2.0, sample_rate=0.25)
+
+
+def test_an_abandoned_pass_is_not_merged_into_the_next(ledger: PrivacyLedger) -> None:
+    """Three passes begun and each abandoned after one step are three pass events."""
+    sampler = BalancedIterationSampler(24, 1, 4, seed=0)
+    accountant = AsymflowAccountant(sampler, ledger=ledger, methods=RDP)
+    for _ in range(3):
+        next(iter(sampler))
+        accountant.step(noise_multiplier=1.0, sample_rate=0.25)
+    assert len(ledger.entries()) == 3
+    assert accountant.event() == ledger.composed_event()
+
+
+def test_opacus_optimizer_divides_by_the_fixed_expected_batch_size(
+    ledger: PrivacyLedger,
+) -> None:
+    """Through DPOptimizer: theta_1 = theta_0 - lr (sum_i clip(g_i) + noise) / (kN/T), with
+    kN/T = 8 while the batch holds 3 examples (Opacus alone would divide by int(N/T) = 4)."""
+    k, n, steps, sigma, clip, lr = 2, 24, 6, 0.8, 0.3, 0.1
+    sampler = BalancedIterationSampler(n, k, steps, seed=0)
+    model = tiny_cnn()
+    reference = copy.deepcopy(model)
+    module, dp_optimizer, _, _ = make_private_with_sampler(
+        privacy_engine=_engine(),
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+        dataset=tiny_data(n),
+        sampler=sampler,
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        ledger=ledger,
+        noise_generator=torch.Generator().manual_seed(11),
+    )
+    x, y = tiny_data(3, seed=5).tensors
+    params = list(reference.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(3):
+        loss = functional.cross_entropy(reference(x[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        total = [t + min(1.0, clip / float(norm)) * g for t, g in zip(total, grads, strict=True)]
+    gen = torch.Generator().manual_seed(11)
+    noise = [torch.normal(0.0, sigma * clip, p.shape, generator=gen) for p in params]
+    want = [
+        p.detach() - lr * (t + z) / (k * n / steps)
+        for p, t, z in zip(params, total, noise, strict=True)
+    ]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        functional.cross_entropy(module(x), y).backward()
+    dp_optimizer.step()
+    for p, w in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,149 @@
+"""train_dpsgd end to end on tiny synthetic data, and noise calibration."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from asymflow.accounting import (
+    BalancedSampled,
+    Gaussian,
+    PoissonSampled,
+    SelfComposed,
+    best_epsilon,
+)
+from asymflow.accounting.ledger import PrivacyLedger
+from asymflow.dpsgd.engine import validate_model
+from asymflow.dpsgd.partition import PartitionSpec, step_accounting
+from asymflow.dpsgd.runs import DpsgdConfig, read_config, read_metrics
+from asymflow.dpsgd.train import calibrated_sigma, train_dpsgd
+from asymflow.models import resnet20
+from asymflow.sampling import BalancedIterationSampler
+
+RDP = ("rdp",)
+TINY = {
+    "data": "synthetic:40",
+    "width": 0.25,
+    "k": 2,
+    "steps": 5,
+    "epochs": 2,
+    "methods": RDP,
+    "sampler_seed": 1,
+    "noise_seed": 2,
+    "eval_batch_size": 64,
+}
+
+
+def test_bis_training_run_ledger_matches_the_sampler_event(tmp_path: Path) -> None:
+    config = DpsgdConfig(sampler="balanced", sigma=1.5, **TINY)
+    result = train_dpsgd(config, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "ledger.sqlite", "result.json"):
+        assert (run / name).is_file(), name
+    assert (run / "ckpt" / "epoch2.pt").is_file()
+    assert read_config(run) == config
+    assert [row["epoch"] for row in read_metrics(run)] == [1, 2]
+    sampler = BalancedIterationSampler(40, 2, 5, seed=0, passes=2)
+    want = best_epsilon(sampler.privacy_event(Gaussian(1.5)), config.delta, RDP)
+    assert result.epsilon == pytest.approx(want.epsilon, rel=1e-9)
+    assert result.expected_batch_size == pytest.approx(2 * 40 / 5)
+    with PrivacyLedger(run / "ledger.sqlite") as ledger:
+        entries = ledger.entries()
+    assert [e.event for e in entries] == [BalancedSampled(2, 5, Gaussian(1.5))] * 2
+    assert json.loads((run / "result.json").read_text())["epsilon"] == result.epsilon
+
+
+def test_poisson_split_run_with_target_epsilon_stays_within_it(tmp_path: Path) -> None:
+    config = DpsgdConfig(
+        sampler="poisson", target_epsilon=8.0, partition="split:2", **{**TINY, "epochs": 1}
+    )
+    result = train_dpsgd(config, tmp_path / "run", progress=False)
+    assert result.calibrated
+    assert result.epsilon <= 8.0
+    assert "ModelPartitioned(2" in result.accounting
+    assert len(result.partition["blocks"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("sampler", "partition", "shared"),
+    [
+        ("balanced", "none", ()),
+        ("poisson", "none", ()),
+        ("poisson", "split:3", ()),
+        ("poisson", "split:2", ("stem",)),
+    ],
+)
+def test_calibrated_sigma_never_overshoots_the_target(
+    sampler: str, partition: str, shared: tuple[str, ...]
+) -> None:
+    """The allocation RDP is costly at large sigma, hence the lenient target (sigma ~ 1)."""
+    target, delta, k, steps, epochs = 8.0, 1e-5, 2, 5, 2
+    config = DpsgdConfig(
+        sampler=sampler,
+        target_epsilon=target,
+        delta=delta,
+        k=k,
+        steps=steps,
+        epochs=epochs,
+        partition=partition,
+        shared=shared,
+        methods=RDP,
+    )
+    accounting = step_accounting(PartitionSpec.parse(partition), sampler, has_shared=bool(shared))
+    sigma, planned = calibrated_sigma(config, steps, accounting)
+    step = accounting.event(sigma)
+    if sampler == "balanced":
+        schedule = SelfComposed(BalancedSampled(k, steps, step), epochs)
+    else:
+        schedule = SelfComposed(PoissonSampled(k / steps, step), steps * epochs)
+    eps = best_epsilon(schedule, delta, RDP).epsilon
+    assert planned is not None and eps == pytest.approx(planned, rel=1e-9)
+    assert eps <= target
+    # ...and it is tight: 1% less noise overshoots
+    assert best_epsilon(_rescaled(schedule, 0.99), delta, RDP).epsilon > target
+
+
+def _rescaled(event, factor: float):
+    """The same schedule with every Gaussian multiplier scaled by ``factor``."""
+    from dataclasses import fields, replace
+
+    from asymflow.accounting.events import Event
+
+    if isinstance(event, Gaussian):
+        return Gaussian(event.sigma * factor)
+    changes = {
+        f.name: _rescaled(getattr(event, f.name), factor)
+        for f in fields(event)
+        if isinstance(getattr(event, f.name), Event)
+    }
+    return replace(event, **changes)
+
+
+def test_batchnorm_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"BatchNorm.*norm='group'"):
+        validate_model(resnet20(norm="batch", width=0.25))
+    config = DpsgdConfig(sampler="balanced", sigma=1.0, norm="batch", **TINY)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train_dpsgd(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_shuffle_sampler_run_is_refused(tmp_path: Path) -> None:
+    config = DpsgdConfig(sampler="shuffle", sigma=1.0, **TINY)
+    with pytest.raises(ValueError, match="no certified epsilon"):
+        train_dpsgd(config, tmp_path / "run", progress=False)
+
+
+def test_config_errors_name_the_parameter() -> None:
+    with pytest.raises(ValueError, match="exactly one of sigma and target_epsilon"):
+        DpsgdConfig(sigma=1.0, target_epsilon=2.0)
+    with pytest.raises(ValueError, match=r"k must satisfy 1 <= k <= steps"):
+        DpsgdConfig(sigma=1.0, k=6, steps=5)
+    with pytest.raises(ValueError, match="shared parameters need partition"):
+        DpsgdConfig(sigma=1.0, shared=("stem",))
+    with pytest.raises(ValueError, match=r"sigma must lie in \(0"):
+        DpsgdConfig(sigma=0.0)
+    assert math.isclose(DpsgdConfig(sigma=1.0).steps_for(1000), round(1000 / 64))

@@ -300,6 +300,13 @@ def _average(
     return vals, m, n
 
 
+def rebin_atoms(
+    values: np.ndarray, mass: np.ndarray, points: int, upper: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Atoms moved onto a grid of about ``points`` points (spread if upper, merge if lower)."""
+    return _rebin(values, mass, _grid(values, mass, points), upper)
+
+
 @lru_cache(maxsize=64)
 def _ratio_atoms_cached(n: int, sigma: float, upper: bool, points: int) -> RatioAtoms:
     mu, sd = _lognormal_params(sigma)

@@ -6,6 +6,8 @@
   (Feldman & Shenfeld 2502.08202, Lemma 3.2), whose discrete dominating pair comes from
   :func:`allocation.ratio_atoms`; privacy losses are rounded up to the grid.
 - Randomized response: dp_accounting's exact PLD (replace-one).
+- A joint step ``Composed(parts)`` under one Poisson decision (partial splitting): the product
+  pair of the parts' discrete pairs, re-binned.
 - Model partitioning (1 of d blocks), also under Poisson subsampling: the mixture
   (q P + (1-q) Q, Q) of a dominating pair dominates the subsampled pair (post-processing).
 
@@ -32,7 +34,7 @@ from asymflow.accounting.events import (
     PoissonSampled,
     RandomizedResponse,
 )
-from asymflow.accounting.partition import allocation_of
+from asymflow.accounting.partition import allocation_of, joint_parts
 
 Pld = dp_pld.PrivacyLossDistribution
 
@@ -42,6 +44,19 @@ def subsample(atoms: RatioAtoms, q: float) -> RatioAtoms:
     ratio = np.append(q * atoms.ratio + (1 - q), 1 - q)
     mass = np.append(atoms.mass, atoms.q_bad)
     return replace(atoms, ratio=ratio, mass=mass, q_bad=0.0, p_bad=q * atoms.p_bad)
+
+
+def joint_atoms(a: RatioAtoms, b: RatioAtoms, points: int, upper: bool) -> RatioAtoms:
+    """The product pair of two independent pairs: ratios multiply, masses multiply; the joint
+    bad event is the union. Re-binned onto a grid like :func:`allocation.ratio_atoms` (a
+    spread when ``upper``, a merge otherwise), which keeps the bound's direction."""
+    ratio = (a.ratio[:, None] * b.ratio[None, :]).ravel()
+    mass = (a.mass[:, None] * b.mass[None, :]).ravel()
+    keep = mass > 0
+    ratio, mass = allocation.rebin_atoms(ratio[keep], mass[keep], points, upper)
+    q_good = (1 - a.q_bad) * (1 - b.q_bad)
+    p_good = (1 - a.p_bad) * (1 - b.p_bad)
+    return RatioAtoms(ratio=ratio, mass=mass, q_bad=1 - q_good, p_bad=1 - p_good)
 
 
 def pld_from_atoms(atoms: RatioAtoms, interval: float, pessimistic: bool) -> Pld:
@@ -95,7 +110,10 @@ class PldAccountant(Accountant):
             return True
         if isinstance(event, PoissonSampled):
             inner = event.event
-            return isinstance(inner, Gaussian | Laplace) or self._supports_leaf(inner)
+            if isinstance(inner, Gaussian | Laplace):
+                return True
+            parts = joint_parts(inner)
+            return parts is not None and all(s >= MIN_SIGMA for _, s in parts)
         if isinstance(event, BalancedSampled):
             return isinstance(event.event, Gaussian) and event.event.sigma >= MIN_SIGMA
         parts = allocation_of(event)
@@ -124,8 +142,11 @@ class PldAccountant(Accountant):
             atoms = self._atoms(inner.steps // inner.k, inner.event.sigma)
             single = pld_from_atoms(atoms, self.interval, self.pessimistic)
             return single.self_compose(inner.k) if inner.k > 1 else single
-        n, sigma = allocation_of(inner)  # type: ignore[misc]
-        atoms = self._atoms(n, sigma)
+        parts = joint_parts(inner)
+        assert parts is not None
+        atoms = self._atoms(*parts[0])
+        for n, sigma in parts[1:]:
+            atoms = joint_atoms(atoms, self._atoms(n, sigma), self.points, self.pessimistic)
         if q < 1:
             atoms = subsample(atoms, q)
         return pld_from_atoms(atoms, self.interval, self.pessimistic)

@@ -10,6 +10,11 @@
 - Poisson-subsampled partitioned step: remove direction exact by the binomial expansion
   E_Q[(1 - q + qL)^alpha] = sum_l C(alpha, l) (1-q)^(alpha-l) q^l E_Q[L^l]; add direction by
   quadrature of E_Q[(1 - q + qL)^(1-alpha)].
+- Poisson-subsampled joint step ``PoissonSampled(q, Composed(parts))`` (partial splitting: a
+  shared Gaussian part and a split part released for the same sampled record): likelihood
+  ratios multiply, so the remove direction is again an exact binomial expansion; the add
+  direction is bounded by convexity. Adding the parts' separately subsampled RDP would
+  under-report, because they share one sampling decision.
 - Allocation curves are computed at integer orders and interpolated in between through the
   convexity of the cumulant generating function (alpha - 1) D_alpha.
 
@@ -36,7 +41,7 @@ from asymflow.accounting.events import (
     PoissonSampled,
     RandomizedResponse,
 )
-from asymflow.accounting.partition import allocation_of
+from asymflow.accounting.partition import allocation_of, joint_parts
 
 DEFAULT_ORDERS = np.concatenate(
     [[1.1, 1.25, 1.5, 1.75], np.arange(2.0, 12.0, 0.25), np.arange(12, 65), [80, 96, 128, 256]]
@@ -80,6 +85,29 @@ def _allocation_rdp(
     return _rdp_from_cumulants(log_rem, orders), _rdp_from_cumulants(log_add, orders)
 
 
+def _poisson_joint_rdp(
+    parts: list[tuple[int, float]], q: float, orders: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(remove, add) RDP of one Poisson(q) decision over independent parts with likelihood
+    ratios L_1..L_m (L = prod L_i, so E_Q[L^l] = prod E_Q[L_i^l]).
+
+    Remove: exact binomial expansion of E_Q[(1-q+qL)^a]. Add: convexity of x^(1-a) on the
+    points 1 and L, E_Q[(1-q+qL)^(1-a)] <= 1 - q + q prod_i E_Q[L_i^(1-a)].
+    """
+    top = int(np.ceil(orders.max()))
+    log_rem = sum(allocation.remove_log_moments(n, s, top) for n, s in parts)
+    log_add = sum(allocation.add_log_moments(n, s, top) for n, s in parts)
+    a = np.arange(top + 1)[:, None]
+    ell = np.arange(top + 1)[None, :]
+    log_binom = special.gammaln(a + 1) - special.gammaln(ell + 1) - special.gammaln(a - ell + 1)
+    with np.errstate(invalid="ignore"):
+        terms = log_binom + (a - ell) * math.log1p(-q) + ell * math.log(q) + log_rem[None, :]
+    remove = special.logsumexp(np.where(ell <= a, terms, -np.inf), axis=1)
+    add = np.logaddexp(math.log1p(-q), math.log(q) + log_add) if q < 1 else log_add
+    add[:2] = 0.0
+    return _rdp_from_cumulants(remove, orders), _rdp_from_cumulants(add, orders)
+
+
 class RdpAccountant(Accountant):
     """RDP accountant; each leaf contributes a (remove, add) pair of RDP curves."""
 
@@ -95,7 +123,7 @@ class RdpAccountant(Accountant):
         if isinstance(event, Gaussian | Laplace | RandomizedResponse):
             return True
         if isinstance(event, PoissonSampled):
-            return isinstance(event.event, Gaussian) or allocation_of(event.event) is not None
+            return joint_parts(event.event) is not None
         if isinstance(event, BalancedSampled):
             return isinstance(event.event, Gaussian)
         return allocation_of(event) is not None
@@ -123,8 +151,11 @@ class RdpAccountant(Accountant):
                 )
                 curve = np.asarray(acc.rdp)
                 return curve, curve
-            n, sigma = allocation_of(event.event)  # type: ignore[misc]
-            return _allocation_rdp(n, sigma, event.q, orders)
+            parts = joint_parts(event.event)
+            assert parts is not None
+            if len(parts) == 1:
+                return _allocation_rdp(*parts[0], event.q, orders)
+            return _poisson_joint_rdp(parts, event.q, orders)
         if isinstance(event, BalancedSampled):
             assert isinstance(event.event, Gaussian)
             n, k, sigma = event.steps // event.k, event.k, event.event.sigma

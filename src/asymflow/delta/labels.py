@@ -1,0 +1,137 @@
+"""Label privacy for Delta: labels reach the public side only through a label-DP mechanism.
+
+In Delta's stage 2 the public model M_res learns from softmax(z_res) - y, which reveals y
+(Niu et al., CVPR 2024, arXiv 2312.05264, Sec. 3.4). Here the labels are released once by
+k-ary randomized response instead (Warner 1965; Kairouz, Oh, Viswanath 2016): each label is
+kept with probability p = e^eps / (e^eps + K - 1) and otherwise replaced by one of the other
+K - 1 classes uniformly, which is eps-DP per label. The public side can then train M_res on
+its own. ``labels="clear"`` sends the true labels and records a ``NonPrivate`` event, so the
+ledger reports epsilon = inf.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+from torch import Tensor
+
+from asymflow.accounting.events import Event, NonPrivate, RandomizedResponse
+from asymflow.accounting.ledger import PrivacyLedger
+
+CLEAR_LABELS = "labels sent in clear"
+"""The ``NonPrivate.what`` of labels released without noise."""
+
+
+def _as_labels(labels: np.ndarray | Tensor, classes: int) -> np.ndarray:
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+        raise ValueError(f"classes must be an integer >= 2, got classes={classes!r}")
+    array = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array, got {array.dtype} {array.shape}")
+    if len(array) and (array.min() < 0 or array.max() >= classes):
+        raise ValueError(
+            f"labels must satisfy 0 <= label < classes={classes}, "
+            f"got range [{array.min()}, {array.max()}]"
+        )
+    return array.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class NoisyLabels:
+    """Labels as released to the public side: int64 (N,) in [0, classes), and their event
+    (``RandomizedResponse`` or ``NonPrivate``). Serializable: an array, an int, an event."""
+
+    labels: np.ndarray
+    classes: int
+    event: Event
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.labels, np.ndarray) or self.labels.dtype != np.int64:
+            raise TypeError("labels must be an int64 numpy array")
+        _as_labels(self.labels, self.classes)
+        if not isinstance(self.event, RandomizedResponse | NonPrivate):
+            raise TypeError(
+                f"event must be RandomizedResponse or NonPrivate, got {type(self.event).__name__}"
+            )
+        if isinstance(self.event, RandomizedResponse) and self.event.classes != self.classes:
+            raise ValueError(
+                f"event.classes must equal classes={self.classes}, got {self.event.classes}"
+            )
+        self.labels.setflags(write=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def keep_probability(self) -> float:
+        """P(released label = true label): e^eps/(e^eps + K - 1) for RR, 1 in clear."""
+        if isinstance(self.event, RandomizedResponse):
+            return keep_probability(self.event.epsilon, self.classes)
+        return 1.0
+
+
+def keep_probability(epsilon: float, classes: int) -> float:
+    """p = e^eps / (e^eps + K - 1), the k-ary RR keep probability (Kairouz et al. 2016)."""
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be a finite number > 0, got epsilon={epsilon}")
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+        raise ValueError(f"classes must be an integer >= 2, got classes={classes!r}")
+    return 1.0 / (1.0 + (classes - 1) * math.exp(-epsilon))
+
+
+def randomized_response(
+    labels: np.ndarray | Tensor, epsilon: float, classes: int, generator: np.random.Generator
+) -> NoisyLabels:
+    """k-ary randomized response: keep each label w.p. e^eps/(e^eps+K-1), else draw one of
+    the other K-1 classes uniformly. The mechanism only; :func:`release_labels` records it
+    in the ledger first."""
+    true = _as_labels(labels, classes)
+    p = keep_probability(epsilon, classes)
+    flip = generator.random(len(true)) >= p
+    shift = generator.integers(1, classes, size=len(true))  # uniform over the K-1 others
+    noisy = np.where(flip, (true + shift) % classes, true).astype(np.int64)
+    return NoisyLabels(noisy, classes, RandomizedResponse(float(epsilon), classes))
+
+
+def clear_labels(labels: np.ndarray | Tensor, classes: int) -> NoisyLabels:
+    """The true labels with a ``NonPrivate`` event (epsilon = inf in the ledger)."""
+    return NoisyLabels(_as_labels(labels, classes).copy(), classes, NonPrivate(CLEAR_LABELS))
+
+
+def release_labels(
+    labels: np.ndarray | Tensor,
+    *,
+    mode: str,
+    classes: int,
+    ledger: PrivacyLedger,
+    dataset: str,
+    epsilon: float | None = None,
+    scope: str = "train",
+    seed: int | None = None,
+) -> tuple[NoisyLabels, int]:
+    """Record the label release in ``ledger`` (write-ahead), then run it.
+
+    ``mode="rr"``: :func:`randomized_response` at ``epsilon``, its noise from ``seed`` or, when
+    None, the OS's secure source; ``mode="clear"``: :func:`clear_labels`. Returns the labels
+    and the ledger row id (mark it released once the labels are handed on).
+    """
+    true = _as_labels(labels, classes)
+    if mode == "rr":
+        if epsilon is None:
+            raise ValueError("epsilon must be a finite number > 0 for mode='rr', got None")
+        keep_probability(epsilon, classes)  # validates before anything is recorded
+        event: Event = RandomizedResponse(float(epsilon), classes)
+        row = ledger.record(
+            event, dataset=dataset, scope=scope, note="labels (randomized response)"
+        )
+        gen = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+        return randomized_response(true, epsilon, classes, gen), row
+    if mode == "clear":
+        row = ledger.record(
+            NonPrivate(CLEAR_LABELS), dataset=dataset, scope=scope, note="labels (clear)"
+        )
+        return clear_labels(true, classes), row
+    raise ValueError(f"mode must be one of ('rr', 'clear'), got mode={mode!r}")

@@ -1,0 +1,301 @@
+"""The public side of Delta: the only interface from the private environment to the untrusted one.
+
+The private side hands over sanitized residuals (:class:`SanitizedResidual`: clipped, noised,
+1-bit, with their privacy event) and label-DP payloads (:class:`NoisyLabels`); nothing else
+is accepted. The public side trains M_res on its own (no per-step round trip) and returns
+logits z_res, which the private side adds to z_main (Niu et al., CVPR 2024, arXiv 2312.05264,
+Sec. 3.4; DESIGN.md sec. 3). Messages are serializable (numpy arrays, ints, strings), so a
+gRPC server can stand behind the same :class:`PublicSide` protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional
+
+from asymflow.accounting.events import RandomizedResponse
+from asymflow.data.dataset import augment_batch
+from asymflow.delta.labels import NoisyLabels, keep_probability
+from asymflow.delta.sanitize import SanitizedResidual
+
+DEFAULT_MODEL = "res"
+"""The name of the public model when no cross-fitting is used."""
+
+
+@runtime_checkable
+class PublicSide(Protocol):
+    """What the private side may call on the public side.
+
+    The public side may hold several models (by name, e.g. one per cross-fitting fold); each
+    trains on an uploaded data set or a subset of its rows (``indices``).
+    """
+
+    def upload(self, data: SanitizedResidual, labels: NoisyLabels | None = None) -> str:
+        """Store released residuals (and label-DP labels); return the data set's id."""
+        ...
+
+    def train(
+        self,
+        dataset_id: str,
+        epochs: int,
+        *,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        start_epoch: int = 0,
+        total_epochs: int | None = None,
+        model: str = DEFAULT_MODEL,
+        indices: np.ndarray | None = None,
+    ) -> dict[str, float]:
+        """Train model ``model`` on an uploaded, labelled data set (rows ``indices``, default
+        all) for ``epochs`` epochs; the learning rate follows a cosine over ``total_epochs``
+        (default ``start_epoch + epochs``) from ``start_epoch``."""
+        ...
+
+    def logits(self, data: SanitizedResidual, *, model: str = DEFAULT_MODEL) -> Tensor:
+        """z_res (N, classes) of released residuals from model ``model``."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The public side's models and optimizer states (for checkpoints)."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        ...
+
+
+def fold_model_names(folds: int) -> tuple[str, ...]:
+    """Model names for ``folds``-fold cross-fitting: ``("res",)`` for 1, else fold0, fold1..."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+        raise ValueError(f"folds must be an integer >= 1, got folds={folds!r}")
+    return (DEFAULT_MODEL,) if folds == 1 else tuple(f"fold{k}" for k in range(folds))
+
+
+def ensemble_logits(public: PublicSide, data: SanitizedResidual, models: tuple[str, ...]) -> Tensor:
+    """Mean of the public models' logits: z_res at test time under cross-fitting."""
+    return torch.stack([public.logits(data, model=m) for m in models]).mean(0)
+
+
+def check_payload(data: object, labels: object = None) -> None:
+    """Refuse anything but a :class:`SanitizedResidual` (and :class:`NoisyLabels` or None)
+    with ``TypeError``: raw tensors and plain label arrays never cross the boundary."""
+    if not isinstance(data, SanitizedResidual):
+        raise TypeError(
+            f"data must be a SanitizedResidual (clipped, noised, 1-bit), got {type(data).__name__}"
+        )
+    if labels is not None and not isinstance(labels, NoisyLabels):
+        raise TypeError(
+            f"labels must be NoisyLabels (a label-DP release) or None, got {type(labels).__name__}"
+        )
+    if labels is not None and len(labels) != len(data):
+        raise ValueError(f"labels must have one entry per sample ({len(data)}), got {len(labels)}")
+
+
+def dataset_id(data: SanitizedResidual, labels: NoisyLabels | None) -> str:
+    """Content hash of a payload: uploading the same payload twice gives the same id."""
+    digest = hashlib.sha256()
+    digest.update(repr((data.shape, data.version, data.event.to_dict())).encode())
+    digest.update(np.ascontiguousarray(data.bits).tobytes())
+    if labels is not None:
+        digest.update(repr((labels.classes, labels.event.to_dict())).encode())
+        digest.update(np.ascontiguousarray(labels.labels).tobytes())
+    return digest.hexdigest()[:20]
+
+
+def cosine_lr(lr: float, step: int, total: int) -> float:
+    """lr_t = lr * (1 + cos(pi t / T)) / 2 (Loshchilov & Hutter 2017, SGDR without restarts)."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def rr_log_transition(epsilon: float, classes: int) -> Tensor:
+    """log T with T[i, j] = P(noisy = j | true = i) of k-ary randomized response."""
+    p = keep_probability(epsilon, classes)
+    t = torch.full((classes, classes), (1.0 - p) / (classes - 1))
+    t.fill_diagonal_(p)
+    return t.log()
+
+
+def forward_corrected_loss(logits: Tensor, noisy: Tensor, log_t: Tensor) -> Tensor:
+    """-log sum_i softmax(z)_i T[i, noisy]: cross-entropy of the noisy label under the known
+    noise channel T (forward correction, Patrini et al., CVPR 2017, Thm 2); softmax(z) then
+    estimates the clean posterior. Post-processing of the label-DP release: no privacy cost."""
+    log_q = torch.logsumexp(functional.log_softmax(logits, 1)[:, :, None] + log_t[None], dim=1)
+    return functional.nll_loss(log_q, noisy)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    data: SanitizedResidual
+    labels: NoisyLabels | None
+
+
+class LocalPublic:
+    """An in-process :class:`PublicSide`: each named M_res (built by ``model_factory`` on first
+    use) is trained with SGD (momentum, weight decay) and a cosine learning rate on the
+    unpacked +-1 bits and the label-DP labels.
+
+    With ``correct_label_noise`` (default) randomized-response labels are learned with the
+    forward-corrected loss :func:`forward_corrected_loss`; ``augment`` applies random crops
+    (zero padding, i.e. "unknown" bits) and, with ``flip``, mirrors to the bit maps.
+    """
+
+    def __init__(
+        self,
+        model_factory: Callable[[], nn.Module],
+        *,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        augment: bool = True,
+        flip: bool = False,
+        correct_label_noise: bool = True,
+        eval_batch_size: int = 512,
+    ) -> None:
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must satisfy 0 <= momentum < 1, got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        self.model_factory = model_factory
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.augment = augment
+        self.flip = flip
+        self.correct_label_noise = correct_label_noise
+        self.eval_batch_size = eval_batch_size
+        self.models: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.SGD] = {}
+        self._datasets: dict[str, _Stored] = {}
+
+    def model(self, name: str = DEFAULT_MODEL) -> nn.Module:
+        """The model ``name``, created on first use."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"model must be a non-empty name, got model={name!r}")
+        if name not in self.models:
+            module = self.model_factory()
+            self.models[name] = module
+            self.optimizers[name] = torch.optim.SGD(
+                module.parameters(),
+                lr=0.0,
+                momentum=self.momentum,
+                weight_decay=self.weight_decay,
+            )
+        return self.models[name]
+
+    def upload(self, data: SanitizedResidual, labels: NoisyLabels | None = None) -> str:
+        check_payload(data, labels)
+        key = dataset_id(data, labels)
+        self._datasets[key] = _Stored(data, labels)
+        return key
+
+    def dataset(self, dataset_id: str) -> tuple[SanitizedResidual, NoisyLabels | None]:
+        """What the public side holds under ``dataset_id`` (for audits and tests)."""
+        if dataset_id not in self._datasets:
+            raise KeyError(f"dataset_id must name an uploaded data set, got {dataset_id!r}")
+        stored = self._datasets[dataset_id]
+        return stored.data, stored.labels
+
+    def forget(self, dataset_id: str) -> None:
+        """Drop an uploaded data set (e.g. the residuals of an earlier per-epoch release)."""
+        self._datasets.pop(dataset_id, None)
+
+    def train(
+        self,
+        dataset_id: str,
+        epochs: int,
+        *,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        start_epoch: int = 0,
+        total_epochs: int | None = None,
+        model: str = DEFAULT_MODEL,
+        indices: np.ndarray | None = None,
+    ) -> dict[str, float]:
+        data, labels = self.dataset(dataset_id)
+        if labels is None:
+            raise ValueError(f"dataset_id must name a labelled data set, got {dataset_id!r}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"epochs must be an integer >= 0, got epochs={epochs!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got lr={lr}")
+        rows = np.arange(len(data)) if indices is None else np.asarray(indices)
+        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
+            raise ValueError("indices must be a non-empty 1-D integer array")
+        if rows.min() < 0 or rows.max() >= len(data):
+            raise ValueError(
+                f"indices must lie in [0, {len(data)}), got [{rows.min()}, {rows.max()}]"
+            )
+        net = self.model(model)
+        optimizer = self.optimizers[model]
+        total = start_epoch + epochs if total_epochs is None else total_epochs
+        steps = math.ceil(len(rows) / batch_size)
+        targets = torch.from_numpy(np.array(labels.labels, dtype=np.int64))
+        log_t = None
+        if self.correct_label_noise and isinstance(labels.event, RandomizedResponse):
+            log_t = rr_log_transition(labels.event.epsilon, labels.classes)
+        padding = max(1, data.shape[1] // 8)
+        net.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for epoch in range(start_epoch, start_epoch + epochs):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = rows[torch.randperm(len(rows), generator=gen).numpy()]
+            for i in range(steps):
+                idx = order[i * batch_size : (i + 1) * batch_size]
+                x = data.subset(idx).unpack()
+                if self.augment:
+                    x = augment_batch(x, gen, padding=padding, flip=self.flip)
+                y = targets[idx]
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(lr, epoch * steps + i, total * steps)
+                z = net(x)
+                if log_t is None:
+                    loss = functional.cross_entropy(z, y)
+                else:
+                    loss = forward_corrected_loss(z, y, log_t)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * len(idx)
+                correct += int((z.argmax(1) == y).sum())
+                seen += len(idx)
+        return {
+            "loss": loss_sum / max(seen, 1),
+            "acc_on_received_labels": correct / max(seen, 1),
+            "samples": float(seen),
+        }
+
+    @torch.no_grad()
+    def logits(self, data: SanitizedResidual, *, model: str = DEFAULT_MODEL) -> Tensor:
+        check_payload(data)
+        net = self.model(model)
+        net.eval()
+        out = [
+            net(data.subset(slice(i, i + self.eval_batch_size)).unpack())
+            for i in range(0, len(data), self.eval_batch_size)
+        ]
+        return torch.cat(out) if out else torch.empty(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Models and optimizer states by name; uploaded data sets are not included (the
+        private side keeps its releases and uploads them again after a restart)."""
+        return {
+            "models": {k: m.state_dict() for k, m in self.models.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name, weights in state["models"].items():
+            self.model(name).load_state_dict(weights)
+            self.optimizers[name].load_state_dict(state["optimizers"][name])

@@ -1,0 +1,367 @@
+"""Delta run directories: the configuration, metrics, checkpoints and the release cache.
+
+A run directory holds (DESIGN.md sec. 1):
+
+- ``config.json``: the :class:`DeltaConfig`;
+- ``metrics.jsonl``: one JSON object per epoch and stage;
+- ``ledger.sqlite``: the privacy ledger (:mod:`asymflow.accounting.ledger`);
+- ``ckpt/stage{1,2}_epoch{N}.pt``: checkpoints, written atomically (temp file + ``os.replace``);
+- ``released*.npz``: every payload that left the private side, saved right after its release,
+  so that a resumed run reuses it instead of releasing again (Niu et al., CVPR 2024,
+  arXiv 2312.05264, cache the sanitized residual once);
+- ``result.json``: the final accuracies, epsilon, MACs and traffic.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from asymflow.delta.public import fold_model_names
+from asymflow.models import DEMO_PRIVATE_RANKS, DEMO_PRIVATE_WIDTHS
+from asymflow.models.resnet import ARCHS
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+PREVIEW_FILE = "preview.npz"
+CKPT_DIR = "ckpt"
+
+VARIANTS: tuple[str, ...] = ("delta", "original", "main-only", "naive-dp")
+LABEL_MODES: tuple[str, ...] = ("rr", "clear")
+RELEASE_MODES: tuple[str, ...] = ("once", "per-epoch")
+
+_CKPT_NAME = re.compile(r"^stage([12])_epoch(\d+)\.pt$")
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
+
+
+def _check_number(name: str, value: object, *, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"{name} must be a number in [{low}, {high}], got {name}={value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must satisfy {low} <= {name} <= {high}, got {name}={value}")
+    return float(value)
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {name}={value!r}")
+
+
+@dataclass(frozen=True)
+class DeltaConfig:
+    """Everything that defines a Delta run; defaults fit the bundled digits demo on a CPU.
+
+    ``data`` is a data spec (``asymflow.data.load_data``); ``image_size`` applies to
+    ``digits`` only. Stage 1 runs ``epochs_stage1`` epochs at ``lr``, stage 2
+    ``epochs_stage2`` epochs of M_main at ``stage2_lr`` and of M_res at ``public_lr``
+    (``original`` trains for the sum of both at ``lr``).
+
+    ``epsilon`` is the target epsilon of the residual release(s) at ``delta`` (``math.inf``:
+    sign bits of the raw residual, no noise, recorded as a non-private release);
+    ``label_epsilon`` is the randomized-response epsilon of the labels (``labels="rr"``).
+    ``augment`` is a random crop with black padding (and a mirror if ``flip``: off by default,
+    digits are not mirror-symmetric); ``public_augment`` crops the public side's bit maps too
+    (off by default: with few epochs and noisy labels it slows M_res down).
+    ``public_folds`` = K > 1 trains K public models, model k on the rows outside fold k, so
+    that M_main learns from out-of-fold z_res (cross-fitting, as in stacked generalization,
+    Wolpert 1992): z_res of a model on its own training rows is memorized and would teach
+    M_main to trust it more than it deserves on new data; at test time z_res is their mean.
+    ``public_epochs``: epochs of M_res per stage-2 epoch (the public side is the fast one).
+    ``noise_seed=None`` draws the sanitizer and randomized-response noise from the OS's
+    secure source; a fixed value makes the run reproducible (tests only).
+    """
+
+    variant: str = "delta"
+    data: str = "digits"
+    image_size: int = 16
+    ir_channels: int = 32
+    r: int = 8
+    t: int = 16
+    t_low: int = 8
+    private_widths: tuple[int, ...] = DEMO_PRIVATE_WIDTHS
+    private_ranks: tuple[int, ...] = DEMO_PRIVATE_RANKS
+    public_arch: str = "resnet20"
+    public_width: float = 0.5
+    epochs_stage1: int = 6
+    epochs_stage2: int = 6
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    lr: float = 0.05
+    stage2_lr: float = 0.02
+    public_lr: float = 0.1
+    public_augment: bool = False
+    public_folds: int = 2
+    public_epochs: int = 1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    alpha: float = 1e-3
+    augment: bool = True
+    flip: bool = False
+    epsilon: float = 1.4
+    delta: float = 1e-5
+    clip: float = 1.0
+    label_epsilon: float = 2.0
+    labels: str = "rr"
+    release: str = "once"
+    seed: int = 0
+    noise_seed: int | None = None
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        _check_choice("variant", self.variant, VARIANTS)
+        _check_choice("labels", self.labels, LABEL_MODES)
+        _check_choice("release", self.release, RELEASE_MODES)
+        _check_choice("public_arch", self.public_arch, tuple(ARCHS))
+        if not isinstance(self.data, str) or not self.data:
+            raise ValueError(f"data must be a data spec such as 'digits', got {self.data!r}")
+        for name in ("image_size", "ir_channels", "r", "t", "t_low", "batch_size"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("eval_batch_size", self.eval_batch_size, 1)
+        _check_int("epochs_stage1", self.epochs_stage1, 0)
+        _check_int("epochs_stage2", self.epochs_stage2, 0)
+        _check_int("seed", self.seed, 0)
+        _check_int("threads", self.threads, 1)
+        _check_int("public_folds", self.public_folds, 1)
+        _check_int("public_epochs", self.public_epochs, 1)
+        if self.public_folds > 10:
+            raise ValueError(
+                f"public_folds must satisfy 1 <= public_folds <= 10, got {self.public_folds}"
+            )
+        if self.noise_seed is not None:
+            _check_int("noise_seed", self.noise_seed, 0)
+        if self.t_low > self.t:
+            raise ValueError(f"t_low must satisfy 1 <= t_low <= t={self.t}, got {self.t_low}")
+        if self.r > self.ir_channels:
+            raise ValueError(
+                f"r must satisfy 1 <= r <= ir_channels={self.ir_channels}, got r={self.r}"
+            )
+        object.__setattr__(self, "private_widths", tuple(self.private_widths))
+        object.__setattr__(self, "private_ranks", tuple(self.private_ranks))
+        if len(self.private_widths) != len(self.private_ranks) or not self.private_widths:
+            raise ValueError(
+                "private_widths and private_ranks must be non-empty and of equal length, got "
+                f"{self.private_widths} and {self.private_ranks}"
+            )
+        for i, (n, q) in enumerate(zip(self.private_widths, self.private_ranks, strict=True)):
+            _check_int(f"private_widths[{i}]", n, 1)
+            _check_int(f"private_ranks[{i}]", q, 1)
+        _check_number("public_width", self.public_width, low=1e-3, high=16)
+        for name in ("lr", "stage2_lr", "public_lr"):
+            if _check_number(name, getattr(self, name), low=0, high=10) <= 0:
+                raise ValueError(f"{name} must satisfy 0 < {name} <= 10, got {getattr(self, name)}")
+        _check_number("momentum", self.momentum, low=0, high=0.999)
+        _check_number("weight_decay", self.weight_decay, low=0, high=1)
+        _check_number("alpha", self.alpha, low=0, high=100)
+        for name in ("augment", "flip", "public_augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {name}={getattr(self, name)!r}")
+        eps = _check_number("epsilon", self.epsilon, low=0, high=math.inf)
+        if eps <= 0:
+            raise ValueError(f"epsilon must satisfy 0 < epsilon <= inf, got epsilon={eps}")
+        delta = _check_number("delta", self.delta, low=0, high=1)
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must satisfy 0 < delta < 1, got delta={delta}")
+        clip = _check_number("clip", self.clip, low=0, high=math.inf)
+        if not (0 < clip < math.inf):
+            raise ValueError(f"clip must be a finite number > 0, got clip={clip}")
+        label_eps = _check_number("label_epsilon", self.label_epsilon, low=0, high=math.inf)
+        if not (0 < label_eps < math.inf):
+            raise ValueError(
+                "label_epsilon must be a finite number > 0 (use labels='clear' for no noise), "
+                f"got label_epsilon={label_eps}"
+            )
+
+    @property
+    def releases_residual(self) -> bool:
+        """True if the variant sends sanitized representations to the public side."""
+        return self.variant in ("delta", "naive-dp")
+
+    @property
+    def public_models(self) -> tuple[str, ...]:
+        """Names of the public models: one per cross-fitting fold for Delta (the private side
+        trains on out-of-fold z_res), a single model for naive-DP (no private training)."""
+        return fold_model_names(1 if self.variant == "naive-dp" else self.public_folds)
+
+    @property
+    def residual_releases(self) -> int:
+        """Number of releases of each training record's residual (1, or one per epoch)."""
+        if not self.releases_residual:
+            return 0
+        return max(1, self.epochs_stage2) if self.release == "per-epoch" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields; infinities are written as the string ``"inf"``."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, float) and math.isinf(value):
+                out[key] = "inf"
+            elif isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DeltaConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are refused."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"config keys must be among DeltaConfig fields, got {unknown}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if value == "inf":
+                value = math.inf
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> DeltaConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return type(self)(**{**asdict(self), **changes})
+
+
+# ------------------------------------------------------------------------------ files
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` via a temporary file in the same directory, fsync and
+    ``os.replace``, so that readers see the old or the new file, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """:func:`atomic_write_bytes` of pretty JSON."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_config(run_dir: Path, config: DeltaConfig) -> None:
+    """Write ``config.json``."""
+    atomic_write_json(run_dir / CONFIG_FILE, config.to_dict())
+
+
+def read_config(run_dir: str | os.PathLike[str]) -> DeltaConfig:
+    """Read ``config.json`` of a run directory."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"run_dir must hold a {CONFIG_FILE}, got run_dir={str(run_dir)!r}")
+    return DeltaConfig.from_dict(json.loads(path.read_text()))
+
+
+def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
+    """Append one JSON line to ``metrics.jsonl`` (flushed and fsynced)."""
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(dict(row), sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All rows of ``metrics.jsonl`` (empty if there is none); a torn last line is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def truncate_metrics(run_dir: Path, stage: int, epoch: int) -> None:
+    """Keep only metric rows up to (stage, epoch): the position of the checkpoint resumed from,
+    so epochs redone after a crash are not listed twice."""
+    rows = [r for r in read_metrics(run_dir) if (r["stage"], r["epoch"]) <= (stage, epoch)]
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    atomic_write_bytes(run_dir / METRICS_FILE, text.encode())
+
+
+def checkpoint_path(run_dir: Path, stage: int, epoch: int) -> Path:
+    """``ckpt/stage{stage}_epoch{epoch}.pt``."""
+    return run_dir / CKPT_DIR / f"stage{stage}_epoch{epoch}.pt"
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[int, int, Path] | None:
+    """(stage, epoch, path) of the most advanced checkpoint, or None."""
+    directory = Path(run_dir) / CKPT_DIR
+    found = []
+    if directory.is_dir():
+        for path in directory.iterdir():
+            match = _CKPT_NAME.match(path.name)
+            if match:
+                found.append((int(match.group(1)), int(match.group(2)), path))
+    return max(found) if found else None
+
+
+def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """``torch.save`` to memory, then :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def prune_checkpoints(run_dir: Path, keep: Iterable[Path]) -> None:
+    """Delete the checkpoints not in ``keep`` (the latest one is all a resume needs)."""
+    keep_set = {p.resolve() for p in keep}
+    directory = run_dir / CKPT_DIR
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if _CKPT_NAME.match(path.name) and path.resolve() not in keep_set:
+                path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------ releases
+
+
+def release_file(run_dir: Path, name: str) -> Path:
+    """The file of the cached release ``name``: ``released.npz`` for the training residual,
+    ``released_{name}.npz`` otherwise (labels, per-epoch residuals, evaluation queries)."""
+    return run_dir / ("released.npz" if name == "train" else f"released_{name}.npz")
+
+
+def save_release(run_dir: Path, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write a released payload atomically, right after the release."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(release_file(run_dir, name), buffer.getvalue())
+
+
+def load_release(run_dir: Path, name: str) -> dict[str, np.ndarray] | None:
+    """The cached payload ``name``, or None if it was never saved."""
+    path = release_file(run_dir, name)
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}

@@ -1,0 +1,949 @@
+"""Two-stage Delta training in one process, the public side behind :class:`PublicSide`.
+
+Niu et al., "All Rivers Run to the Sea: Private Learning with Asymmetric Flows", CVPR 2024,
+arXiv 2312.05264, Sec. 3.4 (DESIGN.md sec. 3):
+
+- Stage 1: M_bb and M_main learn from the main part only,
+  loss = CE(M_main(features(x)), y) + alpha * sum ||A A^T - I||_F^2. Nothing leaves.
+- Stage 2: M_bb is frozen; the residuals of the un-augmented training set are sanitized
+  (clip C, N(0, sigma^2 C^2), 1 bit) once or every epoch, each release recorded in the ledger
+  before it happens; the labels leave once through randomized response. The public side trains
+  M_res on (bits, noisy labels) by itself; the private side trains M_main on
+  CE(z_main + z_res, y), z_res = M_res(released bits) being post-processing.
+
+Variants of the same code: ``delta``; ``main-only`` (stage 2 without z_res, nothing leaves);
+``naive-dp`` (the whole IR is sanitized at the same epsilon and the prediction is z_res);
+``original`` (M_bb + M_res trained as one non-private network, nothing leaves).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from torch import Tensor, nn
+from torch.nn import functional
+
+from asymflow.accounting.events import event_from_dict
+from asymflow.accounting.ledger import PrivacyLedger
+from asymflow.data import ImageData, TensorImageDataset, augment_batch, load_data, load_digits
+from asymflow.delta.labels import NoisyLabels, release_labels
+from asymflow.delta.private import (
+    PrivateModel,
+    calibrated_sigma,
+    make_mechanism,
+    release_tensors,
+)
+from asymflow.delta.public import LocalPublic, PublicSide, ensemble_logits
+from asymflow.delta.runs import (
+    CONFIG_FILE,
+    PREVIEW_FILE,
+    RESULT_FILE,
+    DeltaConfig,
+    append_metrics,
+    atomic_write_bytes,
+    atomic_write_json,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    load_release,
+    prune_checkpoints,
+    read_config,
+    read_metrics,
+    save_checkpoint,
+    save_release,
+    truncate_metrics,
+    write_config,
+)
+from asymflow.delta.sanitize import SanitizedResidual
+from asymflow.models import Backbone, build_private_model, count_macs, original_model, public_model
+
+__all__ = [
+    "DeltaConfig",
+    "RunResult",
+    "build_private",
+    "build_public_factory",
+    "fork_stage1",
+    "load_run_data",
+    "read_result",
+    "train_delta",
+]
+
+CHECKPOINT_FORMAT = 1
+PREDICTION_HEAD = {
+    "delta": "combined",
+    "main-only": "main",
+    "naive-dp": "public",
+    "original": "combined",
+}
+"""Which head is the variant's prediction."""
+
+
+# ------------------------------------------------------------------------- builders
+
+
+def load_run_data(config: DeltaConfig) -> ImageData:
+    """The run's data set; ``digits`` is resized to ``config.image_size``. Its images must
+    tile into t x t DCT blocks."""
+    if config.data.strip().lower() == "digits":
+        data = load_digits(size=config.image_size)
+    else:
+        data = load_data(config.data, progress=False)
+    h, w, _ = data.train.image_shape
+    if h % config.t or w % config.t:
+        raise ValueError(
+            f"t must divide the image height and width ({h}x{w}) for the block DCT, "
+            f"got t={config.t}"
+        )
+    return data
+
+
+def build_private(config: DeltaConfig, in_channels: int, num_classes: int) -> PrivateModel:
+    """M_bb (conv3x3 -> ir_channels, BN, PReLU) and the low-rank M_main on r channels."""
+    torch.manual_seed(config.seed)
+    backbone = Backbone(in_channels, config.ir_channels)
+    main = build_private_model(
+        config.r, num_classes, widths=config.private_widths, ranks=config.private_ranks
+    )
+    return PrivateModel(backbone, main, r=config.r, t=config.t, t_low=config.t_low)
+
+
+def build_public_factory(config: DeltaConfig, num_classes: int) -> Callable[[], nn.Module]:
+    """A zero-argument factory of M_res: ``public_arch`` without its stem, on ir_channels."""
+
+    def factory() -> nn.Module:
+        torch.manual_seed(config.seed + 1)
+        return public_model(
+            config.public_arch, config.ir_channels, num_classes, width=config.public_width
+        )
+
+    return factory
+
+
+def build_original(config: DeltaConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """The non-private baseline: M_bb followed by M_res, one network."""
+    torch.manual_seed(config.seed)
+    return original_model(
+        config.public_arch,
+        num_classes,
+        in_channels=in_channels,
+        ir_channels=config.ir_channels,
+        width=config.public_width,
+    )
+
+
+# ------------------------------------------------------------------------- result
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Summary of a finished run (also written to ``result.json``)."""
+
+    run_dir: Path
+    config: DeltaConfig
+    final: dict[str, float | None]
+    epsilon: float
+    epsilon_method: str
+    epsilon_by_method: dict[str, float]
+    sigma: float | None
+    private_macs: int
+    public_macs: int
+    bytes_per_sample: int
+    energy_fraction: float | None
+    seconds: float
+    metrics: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    @property
+    def accuracy(self) -> float | None:
+        """Test accuracy of the variant's prediction head."""
+        return self.final.get(f"test_acc_{PREDICTION_HEAD[self.config.variant]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (infinities as ``"inf"``)."""
+
+        def clean(v: Any) -> Any:
+            if isinstance(v, float) and math.isinf(v):
+                return "inf"
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            return v
+
+        return {
+            "run_dir": str(self.run_dir),
+            "variant": self.config.variant,
+            "config": self.config.to_dict(),
+            "final": clean(self.final),
+            "accuracy": self.accuracy,
+            "epsilon": clean(self.epsilon),
+            "epsilon_method": self.epsilon_method,
+            "epsilon_by_method": clean(self.epsilon_by_method),
+            "delta": self.config.delta,
+            "sigma": self.sigma,
+            "private_macs": self.private_macs,
+            "public_macs": self.public_macs,
+            "bytes_per_sample": self.bytes_per_sample,
+            "energy_fraction": self.energy_fraction,
+            "seconds": self.seconds,
+        }
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+class _Bars:
+    """Rich progress bars on stderr: one for the epochs of a stage, one for its batches."""
+
+    def __init__(self, enabled: bool, title: str) -> None:
+        self.title = title
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=Console(stderr=True),
+            disable=not enabled,
+        )
+        self.epochs: TaskID | None = None
+        self.batches: TaskID | None = None
+
+    def __enter__(self) -> _Bars:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def stage(self, name: str, total: int, done: int) -> None:
+        if self.batches is not None:
+            self.progress.remove_task(self.batches)
+            self.batches = None
+        self.epochs = self.progress.add_task(
+            f"{self.title} {name}", total=total, completed=done, info=""
+        )
+
+    def start_batches(self, what: str, total: int) -> None:
+        if self.batches is not None:
+            self.progress.remove_task(self.batches)
+        self.batches = self.progress.add_task(f"  {what}", total=total, info="")
+
+    def batch(self, info: str = "") -> None:
+        if self.batches is not None:
+            self.progress.update(self.batches, advance=1, info=info)
+
+    def epoch_done(self, info: str) -> None:
+        if self.epochs is not None:
+            self.progress.update(self.epochs, advance=1, info=info)
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _generator(seed: int, stage: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A generator for (stage, epoch): a resumed run redraws the same shuffles and crops."""
+    return torch.Generator().manual_seed(((seed * 7919 + stage) * 100_003 + epoch) * 8 + stream)
+
+
+def _order(n: int, seed: int, stage: int, epoch: int) -> np.ndarray:
+    return torch.randperm(n, generator=_generator(seed, stage, epoch, stream=1)).numpy()
+
+
+def _chunks(n: int, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, n, size):
+        yield np.arange(start, min(start + size, n))
+
+
+def _noise_seed(config: DeltaConfig, name: str) -> int | None:
+    if config.noise_seed is None:
+        return None
+    return config.noise_seed * 1_000_003 + zlib.crc32(name.encode())
+
+
+def _payload_arrays(payload: SanitizedResidual, row: int) -> dict[str, np.ndarray]:
+    return {
+        "bits": payload.bits,
+        "shape": np.asarray(payload.shape, dtype=np.int64),
+        "event": np.asarray(json.dumps(payload.event.to_dict())),
+        "version": np.asarray(payload.version, dtype=np.int64),
+        "ledger_row": np.asarray(row, dtype=np.int64),
+    }
+
+
+def _payload_from(arrays: dict[str, np.ndarray]) -> SanitizedResidual:
+    return SanitizedResidual(
+        np.ascontiguousarray(arrays["bits"], dtype=np.uint8),
+        tuple(int(d) for d in arrays["shape"]),  # type: ignore[arg-type]
+        event_from_dict(json.loads(str(arrays["event"]))),
+        int(arrays["version"]),
+    )
+
+
+def _labels_arrays(labels: NoisyLabels, row: int) -> dict[str, np.ndarray]:
+    return {
+        "labels": labels.labels,
+        "classes": np.asarray(labels.classes, dtype=np.int64),
+        "event": np.asarray(json.dumps(labels.event.to_dict())),
+        "ledger_row": np.asarray(row, dtype=np.int64),
+    }
+
+
+def _labels_from(arrays: dict[str, np.ndarray]) -> NoisyLabels:
+    return NoisyLabels(
+        np.array(arrays["labels"], dtype=np.int64),
+        int(arrays["classes"]),
+        event_from_dict(json.loads(str(arrays["event"]))),
+    )
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> Tensor:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def _npz_arrays(blob: Tensor) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob.numpy().tobytes()), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _mean_of(rows: list[dict[str, float]], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if key in r]
+    return float(np.mean(values)) if values else None
+
+
+def _accuracy(logits: Tensor | None, labels: Tensor) -> float | None:
+    if logits is None:
+        return None
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+# ------------------------------------------------------------------------- the run
+
+
+class _Run:
+    """State of one training run (private side, public side, ledger, caches)."""
+
+    def __init__(
+        self,
+        config: DeltaConfig,
+        run_dir: Path,
+        public: PublicSide | None,
+        bars: _Bars,
+    ) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.bars = bars
+        self.ledger = PrivacyLedger.for_run(run_dir)
+        self.data = load_run_data(config)
+        self.classes = len(self.data.classes)
+        mean, std = self.data.channel_stats()
+        self.stats = (list(mean), list(std))
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.padding = max(1, self.data.train.image_shape[0] // 8)
+        self.train_plain = TensorImageDataset(self.data.train, train=False, mean=mean, std=std)
+        self.test = TensorImageDataset(self.data.test, train=False, mean=mean, std=std)
+        self.test_labels = torch.from_numpy(self.data.test.labels)
+        self.n_train = len(self.data.train)
+        self.steps = math.ceil(self.n_train / config.batch_size)
+        h, w, c = self.data.train.image_shape
+        self.in_channels, self.height, self.width = c, h, w
+        if config.variant == "original":
+            self.model: nn.Module = build_original(config, c, self.classes)
+        else:
+            self.model = build_private(config, c, self.classes)
+        self.public: PublicSide | None = public
+        if public is None and config.releases_residual:
+            self.public = LocalPublic(
+                build_public_factory(config, self.classes),
+                momentum=config.momentum,
+                weight_decay=config.weight_decay,
+                augment=config.public_augment,
+                flip=config.flip,
+                eval_batch_size=config.eval_batch_size,
+            )
+        self.released: dict[str, Tensor] = {}  # name -> npz bytes of every cached release
+        self.metrics_rows: list[dict[str, Any]] = []
+
+    def train_batch(self, idx: np.ndarray, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Training images: random crop (black padding) and, if ``config.flip``, mirror, on
+        x/255 before the per-channel normalization; labels."""
+        x = torch.from_numpy(self.data.train.images[idx]).permute(0, 3, 1, 2).float() / 255.0
+        if self.config.augment:
+            x = augment_batch(x, gen, padding=self.padding, flip=self.config.flip)
+        return (x - self.mean) / self.std, torch.from_numpy(self.data.train.labels[idx])
+
+    # -------------------------------------------------------------- checkpoints
+
+    def meta(self) -> dict[str, Any]:
+        """What inference needs besides the weights: classes, image shape, normalization."""
+        return {
+            "classes": self.classes,
+            "image_shape": [self.height, self.width, self.in_channels],
+            "mean": self.stats[0],
+            "std": self.stats[1],
+        }
+
+    def save(self, stage: int, epoch: int, opt: Any, sched: Any) -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "stage": stage,
+            "epoch": epoch,
+            "config": json.dumps(self.config.to_dict()),
+            "model": self.model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "public": self.public.state_dict() if self.public is not None else None,
+            "released": dict(self.released),
+            "rng": {"torch": torch.get_rng_state()},
+            "meta": self.meta(),
+        }
+        path = checkpoint_path(self.run_dir, stage, epoch)
+        save_checkpoint(path, state)
+        keep = [path]
+        if stage == 2:
+            last1 = checkpoint_path(self.run_dir, 1, self.config.epochs_stage1)
+            keep.append(last1)
+        prune_checkpoints(self.run_dir, keep)
+
+    def cached(self, name: str) -> dict[str, np.ndarray] | None:
+        """A cached release: from the checkpoint, else from its file (written right after
+        the release, possibly after the last checkpoint)."""
+        if name in self.released:
+            return _npz_arrays(self.released[name])
+        arrays = load_release(self.run_dir, name)
+        if arrays is not None:
+            self.released[name] = _npz_bytes(arrays)
+        return arrays
+
+    def keep(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        """Persist a release immediately (file), and in every later checkpoint."""
+        save_release(self.run_dir, name, arrays)
+        self.released[name] = _npz_bytes(arrays)
+
+    # -------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def eval_private(self) -> tuple[Tensor, float]:
+        """z_main on the test set and the mean energy fraction ||main||^2/||X||^2."""
+        assert isinstance(self.model, PrivateModel)
+        self.model.eval()
+        logits, energy = [], []
+        for idx in _chunks(len(self.test), self.config.eval_batch_size):
+            x, _ = self.test.get_batch(idx)
+            dec = self.model.decompose(x)
+            logits.append(self.model.main(dec.features))
+            energy.append(dec.energy_fraction)
+        return torch.cat(logits), float(torch.cat(energy).mean())
+
+    @torch.no_grad()
+    def eval_original(self) -> Tensor:
+        self.model.eval()
+        return torch.cat(
+            [
+                self.model(self.test.get_batch(idx)[0])
+                for idx in _chunks(len(self.test), self.config.eval_batch_size)
+            ]
+        )
+
+    def record_metrics(self, row: dict[str, Any]) -> None:
+        head = PREDICTION_HEAD[self.config.variant]
+        row.setdefault("test_acc", row.get(f"test_acc_{head}"))
+        row["variant"] = self.config.variant
+        append_metrics(self.run_dir, row)
+        self.metrics_rows.append(row)
+
+    # -------------------------------------------------------------- stage 1
+
+    def stage1_epochs(self) -> int:
+        c = self.config
+        return c.epochs_stage1 + c.epochs_stage2 if c.variant == "original" else c.epochs_stage1
+
+    def run_stage1(self, start: int, state: dict[str, Any] | None) -> None:
+        c = self.config
+        total = self.stage1_epochs()
+        if start > total:
+            return  # finished before a resume (or forked from another run)
+        opt = torch.optim.SGD(
+            self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay
+        )
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total * self.steps))
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        name = "(whole network)" if c.variant == "original" else "stage 1 (main part only)"
+        self.bars.stage(name, total, start - 1)
+        for epoch in range(start, total + 1):
+            began = time.perf_counter()
+            gen = _generator(c.seed, 1, epoch)
+            self.model.train()
+            loss_sum, correct = 0.0, 0
+            self.bars.start_batches(f"epoch {epoch}", self.steps)
+            order = _order(self.n_train, c.seed, 1, epoch)
+            for i in range(self.steps):
+                idx = order[i * c.batch_size : (i + 1) * c.batch_size]
+                x, y = self.train_batch(idx, gen)
+                z = self.model(x)
+                loss = functional.cross_entropy(z, y)
+                if isinstance(self.model, PrivateModel) and c.alpha > 0:
+                    loss = loss + self.model.main.orthogonality_penalty(c.alpha)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += float(loss.detach()) * len(idx)
+                correct += int((z.argmax(1) == y).sum())
+                self.bars.batch(f"loss {float(loss.detach()):.3f}")
+            row: dict[str, Any] = {
+                "stage": 1,
+                "epoch": epoch,
+                "global_epoch": epoch,
+                "train_loss": loss_sum / self.n_train,
+                "train_acc": correct / self.n_train,
+                "lr": float(sched.get_last_lr()[0]),
+            }
+            if isinstance(self.model, PrivateModel):
+                z_main, energy = self.eval_private()
+                row["test_acc_main"] = _accuracy(z_main, self.test_labels)
+                row["energy_fraction"] = energy
+                # z_main is the prediction so far; naive-dp's (z_res) exists from stage 2 on
+                row["test_acc"] = None if c.variant == "naive-dp" else row["test_acc_main"]
+            else:
+                row["test_acc_combined"] = _accuracy(self.eval_original(), self.test_labels)
+            row["seconds"] = time.perf_counter() - began
+            self.save(1, epoch, opt, sched)
+            self.record_metrics(row)
+            acc = row.get("test_acc_main", row.get("test_acc_combined"))
+            self.bars.epoch_done(f"test acc {acc:.3f}")
+
+    # -------------------------------------------------------------- stage 2 releases
+
+    def release_source(self, split: TensorImageDataset) -> Iterator[Tensor]:
+        """Lazily the tensors that leave: residuals (delta) or the whole IR (naive-dp)."""
+        assert isinstance(self.model, PrivateModel)
+        self.model.eval()
+        for idx in _chunks(len(split), self.config.eval_batch_size):
+            x, _ = split.get_batch(idx)
+            with torch.no_grad():
+                if self.config.variant == "naive-dp":
+                    yield self.model.ir(x)
+                else:
+                    yield self.model.residual(x)
+
+    def sigma(self) -> float:
+        """Noise multiplier of the residual releases (0 for epsilon = inf)."""
+        c = self.config
+        if math.isinf(c.epsilon):
+            return 0.0
+        return calibrated_sigma(float(c.epsilon), float(c.delta), c.residual_releases)
+
+    def residuals(
+        self, name: str, split: TensorImageDataset, dataset: str, scope: str
+    ) -> SanitizedResidual:
+        """The released payload ``name``: from the cache, or released now (ledger row first).
+
+        A release whose payload was not saved (crash in between) is released again under a
+        new ledger row: the ledger may over-count, never under-count.
+        """
+        arrays = self.cached(name)
+        if arrays is not None:
+            return _payload_from(arrays)
+        c = self.config
+        mechanism = make_mechanism(
+            c.epsilon,
+            c.delta,
+            c.clip,
+            releases=c.residual_releases,
+            seed=_noise_seed(c, name),
+        )
+        what = "IR" if c.variant == "naive-dp" else "residual"
+        payload, release = release_tensors(
+            mechanism,
+            self.release_source(split),
+            ledger=self.ledger,
+            dataset=dataset,
+            scope=scope,
+            note=f"{what} release ({name})",
+        )
+        self.keep(name, _payload_arrays(payload, release.row_id))
+        release.done()
+        return payload
+
+    def noisy_labels(self) -> NoisyLabels:
+        """The label-DP labels: cached, or released now (ledger row first)."""
+        arrays = self.cached("labels")
+        if arrays is not None:
+            return _labels_from(arrays)
+        c = self.config
+        labels, row = release_labels(
+            self.data.train.labels,
+            mode=c.labels,
+            epsilon=c.label_epsilon,
+            classes=self.classes,
+            ledger=self.ledger,
+            dataset=c.data,
+            scope="train",
+            seed=_noise_seed(c, "labels"),
+        )
+        self.keep("labels", _labels_arrays(labels, row))
+        self.ledger.mark_released(row)
+        return labels
+
+    def save_preview(self, payload: SanitizedResidual) -> None:
+        """A few training images next to the bits of their first channels (for the report)."""
+        if (self.run_dir / PREVIEW_FILE).exists():
+            return
+        k = min(4, len(payload))
+        bits = payload.subset(slice(0, k)).unpack()[:, :4].numpy().astype(np.int8)
+        buffer = io.BytesIO()
+        np.savez(buffer, images=self.data.train.images[:k], bits=bits)
+        atomic_write_bytes(self.run_dir / PREVIEW_FILE, buffer.getvalue())
+
+    # -------------------------------------------------------------- stage 2
+
+    def run_stage2(self, start: int, state: dict[str, Any] | None) -> None:
+        c = self.config
+        model = self.model
+        assert isinstance(model, PrivateModel)
+        model.freeze_backbone()
+        opt = torch.optim.SGD(
+            model.main.parameters(),
+            lr=c.stage2_lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+        )
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=max(1, c.epochs_stage2 * self.steps)
+        )
+        if state is not None and state["stage"] == 2:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        labels: NoisyLabels | None = None
+        test_payload: SanitizedResidual | None = None
+        if c.releases_residual:
+            labels = self.noisy_labels()
+            test_payload = self.residuals("test", self.test, dataset=f"{c.data}/test", scope="eval")
+        self.bars.stage("stage 2 (private + public)", c.epochs_stage2, start - 1)
+        uploaded: str | None = None
+        for epoch in range(start, c.epochs_stage2 + 1):
+            began = time.perf_counter()
+            row: dict[str, Any] = {"stage": 2, "epoch": epoch}
+            row["global_epoch"] = c.epochs_stage1 + epoch
+            z_train: Tensor | None = None
+            z_test: Tensor | None = None
+            if self.public is not None and labels is not None and test_payload is not None:
+                name = "train" if c.release == "once" else f"train_epoch{epoch}"
+                payload = self.residuals(name, self.train_plain, dataset=c.data, scope="train")
+                for old in [k for k in self.released if k.startswith("train_epoch") and k != name]:
+                    del self.released[old]  # spent releases stay on disk, not in checkpoints
+                self.save_preview(payload)
+                models = c.public_models
+                self.bars.start_batches(f"epoch {epoch}: public M_res", len(models))
+                dataset_id = self.public.upload(payload, labels)
+                if (
+                    uploaded is not None
+                    and uploaded != dataset_id
+                    and hasattr(self.public, "forget")
+                ):
+                    self.public.forget(uploaded)
+                uploaded = dataset_id
+                folds = self.folds(len(models))
+                pub_metrics = []
+                for k, model_name in enumerate(models):
+                    pub_metrics.append(
+                        self.public.train(
+                            dataset_id,
+                            c.public_epochs,
+                            batch_size=c.batch_size,
+                            lr=c.public_lr,
+                            seed=c.seed + k,
+                            start_epoch=(epoch - 1) * c.public_epochs,
+                            total_epochs=c.epochs_stage2 * c.public_epochs,
+                            model=model_name,
+                            indices=None if len(models) == 1 else np.flatnonzero(folds != k),
+                        )
+                    )
+                    self.bars.batch()
+                row["public_train_loss"] = _mean_of(pub_metrics, "loss")
+                row["public_acc_on_received_labels"] = _mean_of(
+                    pub_metrics, "acc_on_received_labels"
+                )
+                z_test = ensemble_logits(self.public, test_payload, models)
+                if c.variant == "delta":  # post-processing of the release, no new release
+                    z_train = self.out_of_fold_logits(payload, models, folds)
+            if c.variant in ("delta", "main-only"):
+                row.update(self.train_main_epoch(epoch, opt, sched, z_train))
+            z_main, energy = self.eval_private()
+            row["energy_fraction"] = energy
+            row["test_acc_main"] = _accuracy(z_main, self.test_labels)
+            row["test_acc_public"] = _accuracy(z_test, self.test_labels)
+            if c.variant == "delta" and z_test is not None:
+                row["test_acc_combined"] = _accuracy(z_main + z_test, self.test_labels)
+            elif c.variant == "main-only":
+                row["test_acc_combined"] = row["test_acc_main"]
+            else:
+                row["test_acc_combined"] = row["test_acc_public"]
+            row["seconds"] = time.perf_counter() - began
+            self.save(2, epoch, opt, sched)
+            self.record_metrics(row)
+            acc = row["test_acc"]
+            self.bars.epoch_done("" if acc is None else f"test acc {acc:.3f}")
+
+    def folds(self, k: int) -> np.ndarray:
+        """Cross-fitting fold of every training row: a seeded, balanced assignment."""
+        order = np.random.default_rng(self.config.seed).permutation(self.n_train)
+        folds = np.empty(self.n_train, dtype=np.int64)
+        folds[order] = np.arange(self.n_train) % k
+        return folds
+
+    def out_of_fold_logits(
+        self, payload: SanitizedResidual, models: tuple[str, ...], folds: np.ndarray
+    ) -> Tensor:
+        """z_res of each training row from the public model that did not train on it."""
+        assert self.public is not None
+        if len(models) == 1:
+            return self.public.logits(payload, model=models[0])
+        z = torch.empty(len(payload), self.classes)
+        for k, name in enumerate(models):
+            rows = np.flatnonzero(folds == k)
+            z[torch.from_numpy(rows)] = self.public.logits(payload.subset(rows), model=name)
+        return z
+
+    def train_main_epoch(
+        self, epoch: int, opt: Any, sched: Any, z_res: Tensor | None
+    ) -> dict[str, Any]:
+        """One epoch of M_main on CE(z_main + z_res, y) (z_res = 0 for main-only)."""
+        c = self.config
+        model = self.model
+        assert isinstance(model, PrivateModel)
+        gen = _generator(c.seed, 2, epoch)
+        model.train()
+        loss_sum, correct = 0.0, 0
+        self.bars.start_batches(f"epoch {epoch}: private M_main", self.steps)
+        order = _order(self.n_train, c.seed, 2, epoch)
+        for i in range(self.steps):
+            idx = order[i * c.batch_size : (i + 1) * c.batch_size]
+            x, y = self.train_batch(idx, gen)
+            with torch.no_grad():
+                ir = model.ir(x)
+            z = model.main(model.features_of_ir(ir))
+            if z_res is not None:
+                z = z + z_res[torch.from_numpy(idx)]
+            loss = functional.cross_entropy(z, y)
+            if c.alpha > 0:
+                loss = loss + model.main.orthogonality_penalty(c.alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((z.argmax(1) == y).sum())
+            self.bars.batch(f"loss {float(loss.detach()):.3f}")
+        return {
+            "train_loss": loss_sum / self.n_train,
+            "train_acc": correct / self.n_train,
+            "lr": float(sched.get_last_lr()[0]),
+        }
+
+    # -------------------------------------------------------------- summary
+
+    def result(self, seconds: float) -> RunResult:
+        c = self.config
+        report = self.ledger.epsilon(c.delta, dataset=c.data, scope="train")
+        shape = (self.in_channels, self.height, self.width)
+        ir_shape = (c.ir_channels, self.height, self.width)
+        if isinstance(self.model, PrivateModel):
+            feat = (c.r, self.height * c.t_low // c.t, self.width * c.t_low // c.t)
+            bb_macs = count_macs(self.model.backbone, shape)
+            private_macs = bb_macs
+            if c.variant != "naive-dp":
+                private_macs += count_macs(self.model.main, feat)
+        else:
+            private_macs = count_macs(self.model, shape)
+        public_macs = 0
+        if c.releases_residual:
+            public_macs = count_macs(build_public_factory(c, self.classes)(), ir_shape)
+        last = self.metrics_rows[-1] if self.metrics_rows else {}
+        final = {
+            k: last.get(k)
+            for k in ("test_acc_main", "test_acc_public", "test_acc_combined", "test_acc")
+        }
+        sigma = self.sigma() if c.releases_residual else None
+        energy = None
+        if isinstance(self.model, PrivateModel):
+            _, energy = self.eval_private()
+        return RunResult(
+            run_dir=self.run_dir,
+            config=c,
+            final=final,
+            epsilon=float(report.epsilon),
+            epsilon_method=report.method,
+            epsilon_by_method=dict(report.by_method),
+            sigma=sigma,
+            private_macs=private_macs,
+            public_macs=public_macs,
+            bytes_per_sample=math.ceil(math.prod(ir_shape) / 8) if c.releases_residual else 0,
+            energy_fraction=energy,
+            seconds=seconds,
+            metrics=list(self.metrics_rows),
+        )
+
+
+def train_delta(
+    config: DeltaConfig,
+    run_dir: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    public: PublicSide | None = None,
+) -> RunResult:
+    """Train ``config.variant`` into ``run_dir`` (see the module docstring); return the summary.
+
+    ``resume=True`` continues from the latest checkpoint of an existing run with the same
+    configuration; cached releases are reused, never released again without a new ledger row.
+    ``public`` replaces the in-process :class:`LocalPublic` (e.g. a remote client).
+    """
+    if not isinstance(config, DeltaConfig):
+        raise TypeError(f"config must be a DeltaConfig, got {type(config).__name__}")
+    run_dir = Path(run_dir)
+    began = time.perf_counter()
+    if (run_dir / CONFIG_FILE).exists():
+        if not resume:
+            raise FileExistsError(
+                f"run_dir already holds a run ({run_dir}); pass resume=True or use a new directory"
+            )
+        stored = read_config(run_dir)
+        if stored != config:
+            raise ValueError(
+                f"config must equal the run's {CONFIG_FILE} to resume; differing fields: "
+                f"{sorted(k for k, v in stored.to_dict().items() if config.to_dict()[k] != v)}"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, config)
+    with _threads(config.threads), _Bars(progress, run_dir.name or config.variant) as bars:
+        run = _Run(config, run_dir, public, bars)
+        try:
+            found = latest_checkpoint(run_dir) if resume else None
+            state: dict[str, Any] | None = None
+            stage, epoch = 1, 0
+            if found is not None:
+                stage, epoch, path = found
+                state = load_checkpoint(path)
+                run.model.load_state_dict(state["model"])
+                if run.public is not None and state["public"] is not None:
+                    run.public.load_state_dict(state["public"])
+                run.released.update(state["released"])
+                torch.set_rng_state(state["rng"]["torch"])
+                truncate_metrics(run_dir, stage, epoch)
+                run.metrics_rows = read_metrics(run_dir)
+            elif resume:
+                truncate_metrics(run_dir, 0, 0)
+            if stage == 1:
+                run.run_stage1(epoch + 1, state)
+                if config.variant != "original" and config.epochs_stage2 > 0:
+                    run.run_stage2(1, None)
+            elif config.variant != "original":
+                run.run_stage2(epoch + 1, state)
+            result = run.result(time.perf_counter() - began)
+            atomic_write_json(run_dir / RESULT_FILE, result.to_dict())
+            return result
+        finally:
+            run.ledger.close()
+
+
+STAGE2_FIELDS = frozenset(
+    {
+        "variant",
+        "epsilon",
+        "delta",
+        "clip",
+        "label_epsilon",
+        "labels",
+        "release",
+        "public_arch",
+        "public_width",
+        "public_lr",
+        "public_augment",
+        "public_folds",
+        "public_epochs",
+        "stage2_lr",
+        "epochs_stage2",
+        "noise_seed",
+    }
+)
+"""Config fields that do not influence stage 1 (which releases nothing)."""
+
+
+def fork_stage1(
+    source_run_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], config: DeltaConfig
+) -> None:
+    """Start a new run from the finished stage 1 of another run with the same stage-1 settings
+    (same data, models, seed, epochs): copy the last stage-1 checkpoint and its metric rows,
+    then call :func:`train_delta` with ``resume=True``. Stage 1 releases nothing, so the new
+    run's ledger starts empty. Used by the demo to train stage 1 once for several variants.
+    """
+    source = Path(source_run_dir)
+    target = Path(run_dir)
+    base = read_config(source)
+    if "original" in (base.variant, config.variant):
+        raise ValueError("variant must use the two-stage pipeline to fork stage 1, not 'original'")
+    differ = sorted(
+        k for k, v in base.to_dict().items() if k not in STAGE2_FIELDS and config.to_dict()[k] != v
+    )
+    if differ:
+        raise ValueError(f"config must match the source's stage-1 settings; differing: {differ}")
+    if (target / CONFIG_FILE).exists():
+        raise FileExistsError(f"run_dir already holds a run ({target})")
+    src_ckpt = checkpoint_path(source, 1, config.epochs_stage1)
+    if not src_ckpt.is_file():
+        raise FileNotFoundError(f"source_run_dir must hold a finished stage 1 ({src_ckpt})")
+    state = load_checkpoint(src_ckpt)
+    state["public"] = None
+    state["released"] = {}
+    state["config"] = json.dumps(config.to_dict())
+    target.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(checkpoint_path(target, 1, config.epochs_stage1), state)
+    head = PREDICTION_HEAD[config.variant]
+    for row in read_metrics(source):
+        if row["stage"] == 1:
+            row = {**row, "variant": config.variant}
+            row["test_acc"] = None if head == "public" else row.get("test_acc_main")
+            append_metrics(target, row)
+    write_config(target, config)
+
+
+def read_result(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``result.json`` of a finished run."""
+    path = Path(run_dir) / RESULT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"run_dir must hold a finished run ({RESULT_FILE}), got {run_dir}")
+    return json.loads(path.read_text())

@@ -1,0 +1,46 @@
+"""Shared settings for the Delta tests: one torch thread, a tiny configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from asymflow.delta.runs import DeltaConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread per test: the tensors are tiny and the runner's 2 cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tiny_config(**changes: Any) -> DeltaConfig:
+    """A Delta run of a second or two on synthetic 16x16 images, with seeded noise."""
+    base = DeltaConfig(
+        data="synthetic:160",
+        ir_channels=8,
+        r=2,
+        private_widths=(8, 16),
+        private_ranks=(2, 4),
+        public_width=0.25,
+        epochs_stage1=1,
+        epochs_stage2=1,
+        batch_size=32,
+        eval_batch_size=64,
+        noise_seed=0,
+    )
+    return base.replace(**changes)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Any:
+    """:func:`tiny_config`, as a fixture: ``tiny(epochs_stage2=3)``."""
+    return tiny_config

@@ -1,0 +1,264 @@
+"""Delta training: what crosses to the public side, ledger rows before releases, epsilon,
+crash-safe resume without silent re-release, the variants and the demo report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from asymflow.accounting.best import best_epsilon
+from asymflow.accounting.events import (
+    Composed,
+    Gaussian,
+    NonPrivate,
+    RandomizedResponse,
+    SelfComposed,
+)
+from asymflow.accounting.ledger import LEDGER_FILENAME, PrivacyLedger
+from asymflow.data import load_data
+from asymflow.delta.labels import NoisyLabels, keep_probability
+from asymflow.delta.private import NO_NOISE, calibrated_sigma
+from asymflow.delta.public import LocalPublic
+from asymflow.delta.runs import DeltaConfig, read_metrics, release_file
+from asymflow.delta.sanitize import SanitizedResidual
+from asymflow.delta.train import build_public_factory, fork_stage1, train_delta
+from asymflow.report import run_demo
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+class RecordingPublic:
+    """A PublicSide double: checks and records every call before delegating to LocalPublic."""
+
+    def __init__(self, config: DeltaConfig, run_dir: Path, classes: int = 10) -> None:
+        self.inner = LocalPublic(build_public_factory(config, classes), augment=False)
+        self.run_dir = run_dir
+        self.received: list[tuple[SanitizedResidual, NoisyLabels | None]] = []
+        self.rows_at_upload: list[list[Any]] = []
+        self.logit_calls = 0
+        self.trained: list[tuple[str, np.ndarray | None]] = []
+
+    def _ledger_rows(self) -> list[Any]:
+        with PrivacyLedger(self.run_dir / LEDGER_FILENAME) as ledger:
+            return ledger.entries()
+
+    def upload(self, data: Any, labels: Any = None) -> str:
+        assert isinstance(data, SanitizedResidual), type(data)
+        assert labels is None or isinstance(labels, NoisyLabels), type(labels)
+        rows = self._ledger_rows()
+        # The release of these bits and of these labels is already in the ledger.
+        assert any(r.event == data.event and r.scope == "train" for r in rows)
+        if labels is not None:
+            assert any(r.event == labels.event for r in rows)
+        self.received.append((data, labels))
+        self.rows_at_upload.append(rows)
+        return self.inner.upload(data, labels)
+
+    def train(self, dataset_id: str, epochs: int, **kwargs: Any) -> dict[str, float]:
+        self.trained.append((kwargs["model"], kwargs.get("indices")))
+        return self.inner.train(dataset_id, epochs, **kwargs)
+
+    def logits(self, data: Any, **kwargs: Any) -> torch.Tensor:
+        assert isinstance(data, SanitizedResidual), type(data)
+        self.logit_calls += 1
+        return self.inner.logits(data, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.inner.load_state_dict(state)
+
+
+def _rows(run_dir: Path, note_prefix: str) -> list[Any]:
+    with PrivacyLedger(run_dir / LEDGER_FILENAME) as ledger:
+        return [e for e in ledger.entries() if e.note.startswith(note_prefix)]
+
+
+def test_labels_reach_the_public_side_only_through_randomized_response(tmp_path, tiny):
+    config = tiny(data="synthetic:400")
+    run_dir = tmp_path / "run"
+    double = RecordingPublic(config, run_dir)
+    train_delta(config, run_dir, progress=False, public=double)
+    true = load_data(config.data).train.labels
+    assert double.received and double.logit_calls > 0
+    for data, labels in double.received:
+        assert labels is not None and labels.event == RandomizedResponse(2.0, 10)
+        assert not np.array_equal(labels.labels, true)
+        p = keep_probability(2.0, 10)
+        agree = float(np.mean(labels.labels == true))
+        assert agree == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / len(true)))
+        assert len(data) == len(true) and data.shape == (8, 16, 16)
+
+
+def test_public_models_are_cross_fitted_on_complementary_halves(tmp_path, tiny):
+    config = tiny(public_folds=2)
+    double = RecordingPublic(config, tmp_path / "run")
+    train_delta(config, tmp_path / "run", progress=False, public=double)
+    (m0, rows0), (m1, rows1) = double.trained
+    assert (m0, m1) == ("fold0", "fold1")
+    assert rows0 is not None and rows1 is not None
+    assert not set(rows0) & set(rows1) and len(rows0) + len(rows1) == 160
+    assert abs(len(rows0) - len(rows1)) <= 1
+
+
+def test_clear_labels_are_sent_only_when_asked_and_make_epsilon_infinite(tmp_path, tiny):
+    config = tiny(labels="clear")
+    run_dir = tmp_path / "run"
+    double = RecordingPublic(config, run_dir)
+    result = train_delta(config, run_dir, progress=False, public=double)
+    np.testing.assert_array_equal(double.received[0][1].labels, load_data(config.data).train.labels)
+    (row,) = _rows(run_dir, "labels")
+    assert row.event == NonPrivate("labels sent in clear")
+    assert math.isinf(result.epsilon)
+
+
+def test_ledger_epsilon_is_the_gaussian_and_randomized_response_composition(tmp_path, tiny):
+    config = tiny()
+    result = train_delta(config, tmp_path / "run", progress=False)
+    sigma = calibrated_sigma(config.epsilon, config.delta, 1)
+    assert result.sigma == pytest.approx(sigma)
+    expected = Composed(
+        (SelfComposed(RandomizedResponse(2.0, 10), 1), SelfComposed(Gaussian(sigma), 1))
+    )
+    assert result.epsilon == pytest.approx(best_epsilon(expected, config.delta).epsilon, rel=1e-9)
+    (residual,) = _rows(tmp_path / "run", "residual release (train)")
+    assert residual.event == Gaussian(sigma) and residual.scope == "train"
+    assert residual.status == "released"
+
+
+def test_per_epoch_release_records_a_row_per_epoch_within_the_target(tmp_path, tiny):
+    config = tiny(release="per-epoch", epochs_stage2=2, variant="naive-dp")
+    train_delta(config, tmp_path / "run", progress=False)
+    rows = _rows(tmp_path / "run", "IR release (train")
+    assert len(rows) == 2
+    sigma = calibrated_sigma(config.epsilon, config.delta, 2)
+    assert all(r.event == Gaussian(sigma) for r in rows)
+    residual_only = Composed(tuple(SelfComposed(r.event, 1) for r in rows))
+    assert best_epsilon(residual_only, config.delta).epsilon <= config.epsilon
+
+
+def test_infinite_epsilon_sends_raw_signs_recorded_as_non_private(tmp_path, tiny):
+    result = train_delta(tiny(epsilon=math.inf), tmp_path / "run", progress=False)
+    (row,) = _rows(tmp_path / "run", "residual release (train)")
+    assert row.event == NonPrivate(NO_NOISE)
+    assert math.isinf(result.epsilon) and result.sigma == 0.0
+
+
+def test_resume_after_sigkill_never_releases_silently_twice(tmp_path, tiny):
+    config = tiny(epochs_stage2=6)
+    run_dir = tmp_path / "run"
+    code = (
+        "import json, sys, torch; torch.set_num_threads(1);"
+        "from asymflow.delta.runs import DeltaConfig; from asymflow.delta.train import train_delta;"
+        "train_delta(DeltaConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], progress=False)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(config.to_dict()), str(run_dir)], env=env
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while not (run_dir / "ckpt" / "stage2_epoch1.pt").exists():
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, "no stage-2 checkpoint within 120 s"
+            time.sleep(0.02)
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert release_file(run_dir, "train").exists()
+    before = read_metrics(run_dir)
+    assert not (run_dir / "result.json").exists()
+
+    result = train_delta(config, run_dir, progress=False, resume=True)
+
+    assert len(_rows(run_dir, "residual release (train)")) == 1
+    assert len(_rows(run_dir, "residual release (test)")) == 1
+    assert len(_rows(run_dir, "labels")) == 1
+    metrics = read_metrics(run_dir)
+    assert [(m["stage"], m["epoch"]) for m in metrics] == [(1, 1)] + [(2, e) for e in range(1, 7)]
+    assert metrics[: len(before)] == before  # rows written before the kill are kept as they were
+    assert result.final["test_acc_combined"] is not None
+
+
+def test_a_lost_release_is_released_again_under_a_new_ledger_row(tmp_path, tiny):
+    config = tiny()
+    run_dir = tmp_path / "run"
+    train_delta(config, run_dir, progress=False)
+    # Simulate a crash after the ledger row was written but before the payload was saved.
+    release_file(run_dir, "train").unlink()
+    (run_dir / "ckpt" / "stage2_epoch1.pt").unlink()
+    (run_dir / "result.json").unlink()
+    train_delta(config, run_dir, progress=False, resume=True)
+    rows = _rows(run_dir, "residual release (train)")
+    assert len(rows) == 2 and rows[0].id < rows[1].id
+    assert len(_rows(run_dir, "labels")) == 1  # still cached: not released again
+
+
+def test_delta_is_not_worse_than_main_only(tmp_path, tiny):
+    config = tiny(data="synthetic:400", epochs_stage1=3, epochs_stage2=2, epsilon=math.inf)
+    delta = train_delta(config, tmp_path / "delta", progress=False)
+    main_config = config.replace(variant="main-only")
+    fork_stage1(tmp_path / "delta", tmp_path / "main", main_config)
+    main = train_delta(main_config, tmp_path / "main", progress=False, resume=True)
+    assert main.accuracy is not None and main.accuracy > 0.3  # well above chance (0.1)
+    assert delta.accuracy is not None and delta.accuracy >= main.accuracy - 0.05
+    assert main.bytes_per_sample == 0 and main.public_macs == 0 and main.epsilon == 0.0
+    assert delta.bytes_per_sample == 8 * 16 * 16 // 8
+
+
+def test_existing_runs_need_resume_and_the_same_config(tmp_path, tiny):
+    config = tiny(epochs_stage2=0)
+    train_delta(config, tmp_path / "run", progress=False)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train_delta(config, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        train_delta(config.replace(lr=0.1), tmp_path / "run", progress=False, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"variant": "dp-sgd"}, "variant"),
+        ({"labels": "noisy"}, "labels"),
+        ({"release": "always"}, "release"),
+        ({"t_low": 32}, "t_low"),
+        ({"r": 64}, "r must"),
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"delta": 1.0}, "delta"),
+        ({"clip": math.inf}, "clip"),
+        ({"label_epsilon": math.inf}, "label_epsilon"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_config_errors_name_the_parameter(changes, match):
+    with pytest.raises(ValueError, match=match):
+        DeltaConfig(**changes)
+
+
+def test_config_round_trips_through_json_with_infinity():
+    config = DeltaConfig(epsilon=math.inf)
+    assert DeltaConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_quick_demo_writes_the_report_and_its_plots(tmp_path):
+    path = run_demo(tmp_path / "demo", progress=False, quick=True)
+    text = path.read_text()
+    for png in ("accuracy.png", "epsilon.png", "public_view.png"):
+        assert (tmp_path / "demo" / png).stat().st_size > 1000
+        assert f"({png})" in text
+    for name in ("delta", "delta-eps-inf", "main-only", "naive-dp", "original"):
+        assert f"| {name} |" in text
+    assert "Non-private releases" in text  # the epsilon = inf run is flagged

@@ -75,3 +75,10 @@ def test_power_iteration_matches_exact_svd():
 def test_bad_parameters_name_themselves(kwargs, match):
     with pytest.raises(ValueError, match=match):
         decompose(torch.randn(1, 4, 8, 8), **{"r": 2, "t": 8, "t_low": 4, **kwargs})
+
+
+def test_fast_path_result_does_not_depend_on_the_batch():
+    x = low_rank_ir(b=6)
+    alone = decompose(x[2:3], r=4, t=8, t_low=4)
+    together = decompose(x, r=4, t=8, t_low=4)
+    torch.testing.assert_close(alone.residual[0], together.residual[2], rtol=0, atol=1e-5)

@@ -72,7 +72,9 @@ def top_singular(m: Tensor, r: int, *, iters: int = 30, exact: bool = False) -> 
     """Top-r singular triplets of every matrix in the batch m (B, c, n): (s, u, v).
 
     The fast path runs power iteration with deflation on the c x c Gram matrices G = M M^T,
-    batched over samples (only r components are needed); ``exact`` uses torch.linalg.svd.
+    batched over samples (only r components are needed); each start vector is the column of
+    the (deflated) G with the largest diagonal entry, so a sample's result does not depend on
+    the batch it is in. ``exact`` uses torch.linalg.svd.
     Signs are fixed so that the largest-magnitude entry of each u is positive.
     """
     b, c, n = m.shape
@@ -83,10 +85,11 @@ def top_singular(m: Tensor, r: int, *, iters: int = 30, exact: bool = False) -> 
         u, s, v = u[..., :r], s[..., :r], vh[..., :r, :].transpose(1, 2)
     else:
         gram = m @ m.transpose(1, 2)  # (B, c, c)
-        gen = torch.Generator().manual_seed(0)
         us, ss = [], []
         for _ in range(r):
-            vec = torch.randn(b, c, 1, generator=gen, dtype=m.dtype)
+            pivot = torch.diagonal(gram, dim1=1, dim2=2).argmax(1)
+            vec = torch.gather(gram, 2, pivot[:, None, None].expand(b, c, 1))
+            vec = vec + 1e-12 * torch.ones_like(vec)  # never exactly zero
             for _ in range(iters):
                 vec = gram @ vec
                 vec = vec / vec.norm(dim=1, keepdim=True).clamp_min(1e-30)

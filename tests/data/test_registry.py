@@ -64,3 +64,17 @@ def test_empty_or_missing_path_is_rejected(tmp_path: Path) -> None:
         load_data("folder:")
     with pytest.raises(ValueError, match="must name an existing directory"):
         load_data(f"cifar100:{tmp_path / 'absent'}")
+
+
+def test_subset_suffix_is_stratified_and_reproducible():
+    data = load_data("synthetic:500@100,30")
+    again = load_data("synthetic:500@100,30")
+    assert len(data.train.labels) == 100 and len(data.test.labels) == 30
+    assert np.bincount(data.train.labels).tolist() == [10] * 10
+    assert np.array_equal(data.train.images, again.train.images)
+
+
+@pytest.mark.parametrize("spec", ["synthetic:50@10", "synthetic:50@a,b", "synthetic:50@0,5"])
+def test_bad_subset_suffix_is_refused(spec):
+    with pytest.raises(ValueError, match="@TRAIN,TEST"):
+        load_data(spec)

@@ -72,16 +72,18 @@ def noise_for_epsilon(
     q: float | None = None,
     epochs: int = 1,
     parts: int = 1,
+    shared: bool = False,
     methods: tuple[str, ...] = ("rdp", "pld"),
     rel_tol: float = 1e-3,
 ) -> Calibration:
     """Smallest sigma (to ``rel_tol``) with best certified epsilon <= ``target_epsilon``."""
     check_delta(delta)
-    training_event(sampler, 1.0, steps, k=k, q=q, epochs=epochs, parts=parts)  # validate early
+    schedule = {"k": k, "q": q, "epochs": epochs, "parts": parts, "shared": shared}
+    training_event(sampler, 1.0, steps, **schedule)  # validate early
     chosen: dict[float, str] = {}
 
     def epsilon_of(sigma: float) -> float:
-        event = training_event(sampler, sigma, steps, k=k, q=q, epochs=epochs, parts=parts)
+        event = training_event(sampler, sigma, steps, **schedule)
         report = best_epsilon(event, delta, methods)
         chosen[sigma] = report.method
         return report.epsilon

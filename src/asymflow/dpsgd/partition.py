@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from asymflow.accounting.events import Dropout, Event, Gaussian, ModelPartitioned
+from asymflow.accounting.events import Composed, Dropout, Event, Gaussian, ModelPartitioned
 
 __all__ = [
     "PARTITION_KINDS",
@@ -125,15 +125,18 @@ class StepAccounting:
     dropout: bool
     sigma_divisor: float
     note: str
+    shared: bool = False
 
     def event(self, sigma: float) -> Event:
         """The per-step event at noise multiplier ``sigma`` (clip norms are the unit)."""
         base = Gaussian(sigma / self.sigma_divisor)
         if self.dropout:
-            return Dropout(DROPOUT_RATE, base)
-        if self.parts > 1:
-            return ModelPartitioned(self.parts, base)
-        return base
+            split: Event = Dropout(DROPOUT_RATE, base)
+        elif self.parts > 1:
+            split = ModelPartitioned(self.parts, base)
+        else:
+            return base
+        return Composed((base, split)) if self.shared else split
 
 
 def step_accounting(spec: PartitionSpec, sampler: str, *, has_shared: bool) -> StepAccounting:
@@ -149,9 +152,11 @@ def step_accounting(spec: PartitionSpec, sampler: str, *, has_shared: bool) -> S
     - with a shared part: the shared and the split update come from the SAME batch, so adding the
       RDP of two separately subsampled events would under-report (for two Gaussian parts, the
       joint Poisson-subsampled mechanism is the subsampled Gaussian with multiplier sigma/sqrt(2),
-      whose RDP exceeds twice that at sigma). In units of their own clip norms the two parts
-      have joint sensitivity sqrt(1 + 1), so the step is accounted as ``Gaussian(sigma/sqrt(2))``,
-      without partition amplification.
+      whose RDP exceeds twice that at sigma). Under Poisson sampling the step is the joint event
+      ``Composed((Gaussian(sigma), ModelPartitioned(d, Gaussian(sigma))))`` under one sampling
+      decision, which our accountants bound (likelihood ratios multiply). Under BIS, in units of
+      their own clip norms the two parts have joint sensitivity sqrt(1 + 1), so the step is
+      accounted as ``Gaussian(sigma/sqrt(2))``, without partition amplification.
     """
     if sampler not in ("poisson", "balanced"):
         raise ValueError(f"sampler must be 'poisson' or 'balanced', got sampler={sampler!r}")
@@ -159,15 +164,25 @@ def step_accounting(spec: PartitionSpec, sampler: str, *, has_shared: bool) -> S
         if has_shared:
             raise ValueError("shared parameters need partition 'split:d' or 'dropout:0.5'")
         return StepAccounting(1, False, 1.0, "plain DP-SGD: Gaussian(sigma) per step")
+    if has_shared and sampler == "poisson":
+        parts = 2 if spec.kind == "dropout" else spec.parts
+        return StepAccounting(
+            parts,
+            spec.kind == "dropout",
+            1.0,
+            f"partial {spec}: shared and split parts clipped separately on the same Poisson "
+            f"batch; accounted as the joint step Composed((Gaussian, {spec})) under one "
+            "sampling decision",
+            shared=True,
+        )
     if has_shared:
         return StepAccounting(
             1,
             False,
             math.sqrt(2.0),
-            f"partial {spec}: shared and split parts clipped separately on the same batch; "
-            "accounted as Gaussian(sigma/sqrt(2)) per step (joint sensitivity sqrt(2)), "
-            "without partition amplification: composing the two separately subsampled parts "
-            "would under-report",
+            f"partial {spec} with balanced sampling: shared and split parts clipped separately "
+            "on the same batch; accounted as Gaussian(sigma/sqrt(2)) per step (joint "
+            "sensitivity sqrt(2)), without partition amplification",
         )
     if sampler == "balanced":
         return StepAccounting(

@@ -170,6 +170,7 @@ def calibrated_sigma(
         q=config.q,
         epochs=config.epochs,
         parts=accounting.parts,
+        shared=accounting.shared,
         methods=config.methods,
     )
     return calibration.sigma * accounting.sigma_divisor, calibration.epsilon

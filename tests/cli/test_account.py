@@ -1,35 +1,26 @@
-"""The ``asymflow`` command line: JSON shape, labels of bounds and estimates, clean errors."""
+"""``asymflow account`` and ``account calibrate``: JSON shape, labels of bounds and estimates,
+clean errors."""
 
 from __future__ import annotations
 
 import json
-import math
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
-from asymflow import cli
 from asymflow.accounting.best import best_epsilon
-from asymflow.accounting.events import Gaussian, event_from_dict
+from asymflow.accounting.events import event_from_dict
 from asymflow.accounting.rdp import RdpAccountant
 from asymflow.accounting.schedule import training_event
-from asymflow.cli import app
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-runner = CliRunner()
+from tests.cli.helpers import assert_clean_error, invoke, subprocess_env
 
 # Small schedules with a moderate epsilon keep every PLD cheap.
 BALANCED = ["--sampler", "balanced", "--sigma", "2", "--steps", "16", "--k", "2", "--delta", "1e-5"]
 CERTIFIED_KIND = "certified upper bound"
-
-
-def invoke(args: list[str]) -> Any:
-    return runner.invoke(app, args)
 
 
 def account_json(args: list[str]) -> dict[str, Any]:
@@ -60,13 +51,12 @@ def test_account_json_has_documented_shape_and_best_is_min_of_certified() -> Non
     assert payload["epsilon"] == best_epsilon(expected_event, 1e-5).epsilon
 
 
-def test_account_json_in_a_subprocess_prints_only_json_on_stdout() -> None:
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def test_account_json_in_a_subprocess_prints_only_json_and_never_loads_torch() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "asymflow", "account", *BALANCED, "--epochs", "2", "--json"],
         capture_output=True,
         text=True,
-        env=env,
+        env={**subprocess_env(), "PYTHONPROFILEIMPORTTIME": "1"},  # every import, on stderr
         timeout=120,
         check=False,
     )
@@ -76,6 +66,9 @@ def test_account_json_in_a_subprocess_prints_only_json_on_stdout() -> None:
     assert payload["certified"] is True
     assert payload["event"]["count"] == 2
     assert payload["epsilon"] == min(certified_values(payload).values())
+    # The accounting commands start fast: torch is imported only by the training commands.
+    assert re.search(r"\|\s+asymflow\.cli\.delta$", proc.stderr, re.MULTILINE)
+    assert not re.search(r"\|\s+(torch|opacus)$", proc.stderr, re.MULTILINE)
 
 
 def test_account_method_rdp_reports_the_rdp_bound() -> None:
@@ -195,17 +188,6 @@ BAD_INPUTS = [
 BAD_DELTAS = ["0", "1", "1.5", "-1e-5", "nan"]
 
 
-def assert_clean_error(result: Any, name: str) -> None:
-    assert result.exit_code != 0
-    # A clean exit (typer.Exit / SystemExit), not an exception caught by the test runner.
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    message = result.stderr.strip()
-    assert message.startswith("Error: "), message
-    assert "\n" not in message, message
-    assert name in message, message
-
-
 @pytest.mark.parametrize(("args", "name"), BAD_INPUTS)
 def test_bad_input_gives_one_line_error_naming_the_parameter(args: list[str], name: str) -> None:
     needs_delta = args[1] != "--sigma"
@@ -220,7 +202,6 @@ def test_bad_delta_gives_one_line_error_naming_delta(delta: str) -> None:
 
 
 def test_bad_input_in_a_subprocess_has_no_traceback() -> None:
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
         [
             *(sys.executable, "-m", "asymflow", "account", "--sampler", "balanced"),
@@ -228,7 +209,7 @@ def test_bad_input_in_a_subprocess_has_no_traceback() -> None:
         ],
         capture_output=True,
         text=True,
-        env=env,
+        env=subprocess_env(),
         timeout=120,
         check=False,
     )
@@ -236,58 +217,3 @@ def test_bad_input_in_a_subprocess_has_no_traceback() -> None:
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "Error: --sigma must be a finite number > 0, got nan"
-
-
-def test_ledger_show_lists_rows_and_the_epsilon_spent(tmp_path: Path) -> None:
-    ledger_module = pytest.importorskip("asymflow.accounting.ledger")
-    event = training_event("balanced", 2.0, 16, k=2)
-    with ledger_module.PrivacyLedger.for_run(tmp_path) as ledger:
-        ledger.record(event, dataset="digits", note="pass 1")
-        ledger.record(Gaussian(8.0), dataset="digits", count=2, note="residuals")
-        expected = ledger.epsilon(1e-5)
-    result = invoke(["ledger", "show", str(tmp_path), "--json"])
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout)
-    assert [row["count"] for row in payload["entries"]] == [1, 2]
-    assert event_from_dict(payload["entries"][0]["event"]) == event
-    assert payload["epsilon"] == expected.epsilon
-    assert payload["certified"] is True
-    table = invoke(["ledger", "show", str(tmp_path)])
-    assert table.exit_code == 0, table.output
-    assert "residuals" in table.stdout
-    assert "ε spent" in table.stdout
-
-
-def test_ledger_show_of_a_missing_run_dir_is_a_clean_error(tmp_path: Path) -> None:
-    missing = tmp_path / "no-such-run"
-    assert_clean_error(invoke(["ledger", "show", str(missing)]), "RUN_DIR")
-    assert not missing.exists()  # showing must not create a ledger
-
-
-def test_demo_writes_summary_and_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in [
-        ("DEMO_STEPS", 16),
-        ("DEMO_KS", (1, 2)),
-        ("DEMO_K", 2),
-        ("DEMO_SIGMA", 2.0),
-    ]:
-        monkeypatch.setattr(cli, name, value)
-    monkeypatch.setattr(cli, "DEMO_REL_TOL", 0.2)
-    result = invoke(["demo", "--out", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "account.json").read_text())
-    samplers = [q["query"]["sampler"] for q in summary["queries"]]
-    assert samplers.count("balanced") == samplers.count("poisson") == 2
-    assert summary["queries"][-1]["certified"] is False
-    assert summary["calibration"]["epsilon"] <= summary["calibration"]["target_epsilon"]
-    assert (tmp_path / "epsilon_vs_steps.png").stat().st_size > 0
-
-
-def test_infinity_is_written_as_the_string_inf() -> None:
-    assert cli._jsonable({"a": [math.inf, 1.0], "b": None}) == {"a": ["inf", 1.0], "b": None}
-
-
-def test_version_option() -> None:
-    result = invoke(["--version"])
-    assert result.exit_code == 0
-    assert result.stdout.startswith("asymflow ")

@@ -1,0 +1,48 @@
+"""The private <-> public link of Delta over gRPC (DESIGN.md sec. 5).
+
+- :mod:`~asymflow.transport.wire`: the versioned binary envelope and its strict decoder;
+- :mod:`~asymflow.transport.spec`: the public model both sides agree on;
+- :mod:`~asymflow.transport.auth`: bearer token, TLS, :func:`keygen`;
+- :mod:`~asymflow.transport.server`: :func:`serve`, the public server process;
+- :mod:`~asymflow.transport.client`: :class:`RemotePublic`, a ``PublicSide`` over gRPC.
+"""
+
+from typing import Any
+
+from asymflow.transport.auth import KeyFiles, keygen
+from asymflow.transport.client import (
+    PublicServerError,
+    PublicSessionLostError,
+    RemotePublic,
+    RetryPolicy,
+)
+from asymflow.transport.spec import PublicSpec
+from asymflow.transport.wire import PROTOCOL_VERSION, WireError
+
+_SERVER_NAMES = ("PublicServer", "PublicService", "serve")
+
+
+def __getattr__(name: str) -> Any:
+    """The server's names, imported on first use: ``python -m asymflow.transport.server``
+    must find the server module not yet imported by its package."""
+    if name in _SERVER_NAMES:
+        from asymflow.transport import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module 'asymflow.transport' has no attribute {name!r}")
+
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "KeyFiles",
+    "PublicServer",
+    "PublicServerError",
+    "PublicService",
+    "PublicSessionLostError",
+    "PublicSpec",
+    "RemotePublic",
+    "RetryPolicy",
+    "WireError",
+    "keygen",
+    "serve",
+]

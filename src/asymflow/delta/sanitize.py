@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from asymflow.accounting.events import Event, Gaussian
-from asymflow.accounting.gaussian import gaussian_sigma_for_epsilon
 from asymflow.accounting.ledger import PrivacyLedger
 
 WIRE_VERSION = 1
@@ -94,6 +93,8 @@ class Sanitizer:
         seed: int | None = None,
     ) -> Sanitizer:
         """Noise calibrated so that ``releases`` sanitizations of a sample cost <= epsilon."""
+        from asymflow.accounting.gaussian import gaussian_sigma_for_epsilon  # heavy: scipy
+
         return cls(clip, gaussian_sigma_for_epsilon(epsilon, delta, releases), seed=seed)
 
     def clip_and_noise(self, residual: Tensor) -> Tensor:

@@ -3,8 +3,9 @@
 Plots (matplotlib, Agg backend): test accuracy per epoch of every variant; the epsilon spent
 per kind of release, recomputed from each run's ledger (residual release, labels, queries);
 what the public side sees (the unpacked +-1 bits of a few channels next to the inputs). The
-table lists the final accuracies, the certified epsilon with its method, private and public
-MACs, bytes sent per sample and the energy fraction ||main||^2/||X||^2 kept private
+table lists the final accuracies, Delta's trust weight w in z = z_main + w log_softmax(z_res),
+the certified epsilon with its method, private and public MACs, bytes sent per sample and the
+energy fraction ||main||^2/||X||^2 kept private
 (Niu et al., CVPR 2024, arXiv 2312.05264; DESIGN.md sec. 1 and 3).
 """
 
@@ -284,9 +285,10 @@ def write_report(
         "",
         "## Final results",
         "",
-        "| run | variant | test acc | main head | public head | combined | ε (certified, method) "
-        "| σ | private MACs | public MACs | bytes/sample sent | energy kept private |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | variant | test acc | main head | public head | combined | w | "
+        "ε (certified, method) | σ | private MACs | public MACs | bytes/sample sent "
+        "| energy kept private |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in summaries:
         r = run.result
@@ -295,10 +297,12 @@ def write_report(
         eps_text = f"{_fmt_eps(eps)} ({r['epsilon_method']})" if run.entries else "0 (nothing left)"
         sigma = "—" if r.get("sigma") is None else f"{r['sigma']:.3g}"
         energy = r.get("energy_fraction")
+        weight = r.get("residual_weight")
         lines.append(
             f"| {run.name} | {run.config.variant} | **{_fmt_acc(r['accuracy'])}** | "
             f"{_fmt_acc(final.get('test_acc_main'))} | {_fmt_acc(final.get('test_acc_public'))} | "
-            f"{_fmt_acc(final.get('test_acc_combined'))} | {eps_text} | {sigma} | "
+            f"{_fmt_acc(final.get('test_acc_combined'))} | "
+            f"{'—' if weight is None else f'{weight:.3g}'} | {eps_text} | {sigma} | "
             f"{_fmt_macs(r['private_macs'])} | {_fmt_macs(r['public_macs'])} | "
             f"{r['bytes_per_sample']} | {'—' if energy is None else f'{100 * energy:.1f}%'} |"
         )
@@ -317,6 +321,12 @@ def write_report(
             "here, and Delta's accuracy at finite ε comes from M_main.",
         ]
     lines += [
+        "",
+        "Delta's combined prediction is z = z_main + w·log_softmax(z_res): w ≥ 0 is the private "
+        "side's trust in the public head, fitted in stage 2 with the true labels on "
+        "out-of-fold z_res (post-processing of the release, no privacy cost). It starts at 0 "
+        "(the main-only prediction) and grows only as far as z_res lowers the training loss, "
+        "so an uninformative public head is switched off (w ≈ 0).",
         "",
         "ε is recomputed from each run's ledger over every row that touches a training record "
         "(residual release(s) ⊕ labels); *original* and *main-only* release nothing (their "

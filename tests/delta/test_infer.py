@@ -1,9 +1,10 @@
 """Delta inference: every query batch is a recorded release before its bits leave, and the
-prediction is z_main + z_res."""
+prediction is z_main + w log_softmax(z_res) with the trust weight w fitted in training."""
 
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from asymflow.delta.infer import evaluate_run, infer, load_system
 from asymflow.delta.private import SignQuantizer, calibrated_sigma
 from asymflow.delta.public import ensemble_logits
 from asymflow.delta.sanitize import SanitizedResidual
-from asymflow.delta.train import fork_stage1, train_delta
+from asymflow.delta.train import fork_stage1, read_result, train_delta
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,10 @@ def test_each_query_batch_is_recorded_before_its_residual_leaves(runs, tmp_path)
     assert logits.shape == (20, 10)
 
 
-def test_combined_logits_are_main_plus_public(runs, tmp_path):
+def test_combined_logits_are_main_plus_weighted_public_log_probabilities(runs, tmp_path):
     system = load_system(runs / "delta")
+    assert system.model.residual_weight.value == read_result(runs / "delta")["residual_weight"]
+    system.model.residual_weight.weight.fill_(0.7)  # whatever was fitted, w is what is used
     system.mechanism = SignQuantizer()  # deterministic bits, to recompute them here
     x = system.normalize(load_data("synthetic:160").test.images[:12])
     with PrivacyLedger.for_run(tmp_path / "q") as ledger:
@@ -76,8 +79,22 @@ def test_combined_logits_are_main_plus_public(runs, tmp_path):
         z_main = system.model.main(dec.features)
         bits = np.packbits((dec.residual.flatten(1) >= 0).numpy(), axis=1)
         payload = SanitizedResidual(bits, (8, 16, 16), SignQuantizer().event)
-        expected.append(z_main + ensemble_logits(system.public, payload, ("fold0", "fold1")))
+        z_res = ensemble_logits(system.public, payload, ("fold0", "fold1"))
+        expected.append(z_main + 0.7 * torch.log_softmax(z_res, 1))
     torch.testing.assert_close(logits, torch.cat(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_inference_needs_the_checkpoint_but_not_the_training_release(runs, tmp_path):
+    copy = tmp_path / "delta"
+    shutil.copytree(runs / "delta", copy)
+    for path in copy.glob("released*.npz"):
+        path.unlink()
+    system = load_system(copy, seed=0)
+    assert system.mechanism is not None
+    assert system.mechanism.event == Gaussian(calibrated_sigma(1.4, 1e-5, 1))
+    images = load_data("synthetic:160").test.images[:4]
+    with PrivacyLedger.for_run(tmp_path / "q") as ledger:
+        assert infer(system, images, ledger=ledger).shape == (4, 10)
 
 
 def test_main_only_inference_releases_nothing(runs, tmp_path):

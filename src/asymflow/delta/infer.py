@@ -1,8 +1,10 @@
-"""Delta inference: z = z_main + z_res, each query batch's residual released with a ledger row.
+"""Delta inference: z = z_main + w log_softmax(z_res), each query batch's residual released
+with a ledger row.
 
 The private side computes M_bb, the decomposition and z_main = M_main(features); it sanitizes
 the query's residual (the same clip/noise/1-bit mechanism as in training, recorded in the
-ledger first, scope ``query:{batch}``), sends it, receives z_res and adds the logits
+ledger first, scope ``query:{batch}``), sends it, receives z_res and adds the logits weighted
+by the trust w fitted in training (:class:`~asymflow.delta.private.ResidualWeight`)
 (Niu et al., CVPR 2024, arXiv 2312.05264, Sec. 3.4; DESIGN.md sec. 3 "Inference").
 """
 
@@ -72,12 +74,16 @@ class DeltaSystem:
 
 
 def _release_event(run_dir: Path, state: dict[str, Any], config: DeltaConfig) -> Any:
+    """The privacy event of the training release, to sanitize queries alike: from the
+    checkpoint's release reference (format 2), an embedded copy (format 1), or the file."""
     names = ["train"] + [f"train_epoch{e}" for e in range(config.epochs_stage2, 0, -1)]
     for name in names:
-        blob = state["released"].get(name)
-        if blob is not None:
-            with np.load(io.BytesIO(blob.numpy().tobytes()), allow_pickle=False) as data:
+        ref = state["released"].get(name)
+        if isinstance(ref, Tensor):  # format 1: the payload itself
+            with np.load(io.BytesIO(ref.numpy().tobytes()), allow_pickle=False) as data:
                 return event_from_dict(json.loads(str(data["event"])))
+        if ref is not None:
+            return event_from_dict(json.loads(ref["event"]))
         arrays = load_release(run_dir, name)
         if arrays is not None:
             return event_from_dict(json.loads(str(arrays["event"])))
@@ -112,6 +118,9 @@ def load_system(
         model = build_private(config, in_channels, classes)
         assert isinstance(model, PrivateModel)
         model.freeze_backbone()
+        if state.get("format", 1) < 2:  # format 1 had no trust weight: z_main + z_res
+            weights = {"residual_weight.weight": torch.ones(()), **state["model"]}
+            state = {**state, "model": weights}
     model.load_state_dict(state["model"])
     model.eval()
     mechanism = None
@@ -148,7 +157,8 @@ def infer(
 ) -> Tensor:
     """Logits of ``images`` (normalized float NCHW, or uint8 NHWC) in batches.
 
-    Delta: z_main + z_res (z_res: mean over the public models); main-only: z_main;
+    Delta: z_main + w log_softmax(z_res) (z_res: mean of the public models' logits, w: the
+    trust weight fitted in training); main-only: z_main;
     naive-dp: z_res; original: the network's logits.
     For the variants that release, every batch is one recorded release on ``dataset`` with
     scope ``f"{scope_prefix}:{batch_index}"``, written to ``ledger`` (default: the run's own
@@ -205,7 +215,7 @@ def _batch_logits(
     payload = system.mechanism.sanitize(leaving, release)
     z_res = ensemble_logits(system.public, payload, system.config.public_models)
     release.done()
-    return z_res if variant == "naive-dp" else z_main + z_res
+    return z_res if variant == "naive-dp" else model.combine(z_main, z_res)
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], *, batch_size: int = 256) -> dict[str, Any]:

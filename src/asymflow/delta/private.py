@@ -3,7 +3,9 @@
 x -> X = M_bb(x) (c x h x w) -> per-sample top-r SVD with block-DCT low-pass:
 features_i = DCT_low(u_i^T X) (r channels at h t'/t x w t'/t) feed M_main, giving z_main;
 the residual X - main leaves only through the sanitizer (Niu et al., CVPR 2024,
-arXiv 2312.05264, Sec. 3.2-3.3; DESIGN.md sec. 3).
+arXiv 2312.05264, Sec. 3.2-3.3; DESIGN.md sec. 3). The prediction combines the public logits
+z_res through a learned trust weight, z = z_main + w * log_softmax(z_res)
+(:class:`ResidualWeight`).
 
 Gradients in stage 1 flow through the projection u_i^T X with the singular vectors u_i held
 fixed (they are recomputed every forward pass): features are linear in X for a given basis,
@@ -20,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional
 
 from asymflow.accounting.events import Event, NonPrivate
 from asymflow.accounting.gaussian import gaussian_sigma_for_epsilon
@@ -116,8 +119,97 @@ def concat_released(parts: Sequence[SanitizedResidual]) -> SanitizedResidual:
     return SanitizedResidual(np.concatenate([p.bits for p in parts]), first.shape, first.event)
 
 
+class ResidualWeight(nn.Module):
+    """How much the private side trusts the public logits: a scalar w >= 0 in
+
+        z = z_main + w * log_softmax(z_res).
+
+    w is fitted on the private side in stage 2, with the true labels and out-of-fold z_res
+    (a one-parameter stacking model, Wolpert 1992), by minimizing the same objective as M_main,
+
+        L(w) = mean_i CE(z_main,i + w b_i, y_i),    b_i = log_softmax(z_res,i),
+
+    exactly for the current z_main (:meth:`fit`), in alternation with M_main's SGD epochs
+    (block-coordinate descent on the joint objective). It is post-processing of released
+    outputs: no privacy cost. L is convex in w: L'(w) = mean_i (softmax(z_i) - e_{y_i}) . b_i
+    and L''(w) = mean_i Var_{softmax(z_i)}(b_i) >= 0, so the minimizer over [0, w_max] is
+    found by bisection on L'. An exact fit avoids what plain SGD on w does near w = 0:
+    projected onto w >= 0, its gradient noise alone drifts w upwards.
+
+    w starts at 0, so stage 2 starts from exactly the main-only prediction, and w > 0 only if
+    the public head lowers the training loss beyond z_main (L'(0) < 0): an uninformative head
+    is switched off. Negative trust is excluded: M_res is trained to predict y.
+
+    ``log_softmax`` standardizes the public logits: it subtracts logsumexp(z_res) from every
+    class, a per-sample constant that softmax ignores, so for a scalar w the prediction equals
+    z_main + w z_res; but w then weighs log-probabilities, the quantity the public side's
+    (forward-corrected) loss calibrates, whatever offset the public logits carry.
+    """
+
+    weight: Tensor
+
+    def __init__(self, max_weight: float = 16.0) -> None:
+        super().__init__()
+        if not (math.isfinite(max_weight) and max_weight > 0):
+            raise ValueError(f"max_weight must be a finite number > 0, got {max_weight}")
+        self.max_weight = float(max_weight)
+        self.register_buffer("weight", torch.zeros(()))
+
+    @property
+    def value(self) -> float:
+        """w as a float."""
+        return float(self.weight)
+
+    def forward(self, z_main: Tensor, z_res: Tensor) -> Tensor:
+        """z_main + w * log_softmax(z_res) (the shape of z_main)."""
+        if z_res.shape != z_main.shape:
+            raise ValueError(
+                f"z_res must have the shape of z_main {tuple(z_main.shape)}, "
+                f"got {tuple(z_res.shape)}"
+            )
+        return z_main + self.weight * functional.log_softmax(z_res, dim=1)
+
+    @staticmethod
+    def loss(z_main: Tensor, z_res: Tensor, labels: Tensor, weight: float) -> float:
+        """L(w) = mean_i CE(z_main,i + w log_softmax(z_res,i), y_i)."""
+        b = functional.log_softmax(z_res.double(), dim=1)
+        return float(functional.cross_entropy(z_main.double() + weight * b, labels))
+
+    @torch.no_grad()
+    def fit(self, z_main: Tensor, z_res: Tensor, labels: Tensor, *, iterations: int = 60) -> float:
+        """Set w = argmin_{0 <= w <= max_weight} L(w) (bisection on the monotone L') and
+        return it as stored (float32). ``z_main``, ``z_res``: (N, K) logits of the same rows;
+        ``labels``: (N,) true labels."""
+        if z_main.shape != z_res.shape or z_main.dim() != 2 or labels.shape != z_main.shape[:1]:
+            raise ValueError(
+                "z_main and z_res must be (N, K) and labels (N,), got "
+                f"{tuple(z_main.shape)}, {tuple(z_res.shape)}, {tuple(labels.shape)}"
+            )
+        a = z_main.double()
+        b = functional.log_softmax(z_res.double(), dim=1)
+        b_true = b.gather(1, labels.long().view(-1, 1)).squeeze(1)
+
+        def slope(w: float) -> float:
+            p = torch.softmax(a + w * b, dim=1)
+            return float(((p * b).sum(1) - b_true).mean())
+
+        low, high = 0.0, self.max_weight
+        if len(labels) == 0 or not slope(low) < 0:
+            w = low
+        elif slope(high) <= 0:
+            w = high
+        else:
+            for _ in range(iterations):
+                mid = 0.5 * (low + high)
+                low, high = (mid, high) if slope(mid) < 0 else (low, mid)
+            w = 0.5 * (low + high)
+        self.weight.fill_(w)
+        return self.value
+
+
 class PrivateModel(nn.Module):
-    """M_bb + decomposition + M_main. ``forward(x)`` is z_main."""
+    """M_bb + decomposition + M_main, and the trust weight w of the public logits.
+    ``forward(x)`` is z_main; :meth:`combine` is z_main + w log_softmax(z_res)."""
 
     def __init__(
         self, backbone: Backbone, main: LowRankResNet, *, r: int, t: int, t_low: int
@@ -127,6 +219,7 @@ class PrivateModel(nn.Module):
             raise ValueError(f"main.in_channels must equal r={r}, got {main.in_channels}")
         self.backbone = backbone
         self.main = main
+        self.residual_weight = ResidualWeight()
         self.r, self.t, self.t_low = r, t, t_low
         self.backbone_frozen = False
 
@@ -168,6 +261,10 @@ class PrivateModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.main_logits(x)
+
+    def combine(self, z_main: Tensor, z_res: Tensor) -> Tensor:
+        """Delta's prediction z = z_main + w * log_softmax(z_res) (:class:`ResidualWeight`)."""
+        return self.residual_weight(z_main, z_res)
 
     @torch.no_grad()
     def decompose(self, x: Tensor) -> Decomposition:

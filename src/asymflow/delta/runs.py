@@ -8,12 +8,14 @@ A run directory holds (DESIGN.md sec. 1):
 - ``ckpt/stage{1,2}_epoch{N}.pt``: checkpoints, written atomically (temp file + ``os.replace``);
 - ``released*.npz``: every payload that left the private side, saved right after its release,
   so that a resumed run reuses it instead of releasing again (Niu et al., CVPR 2024,
-  arXiv 2312.05264, cache the sanitized residual once);
+  arXiv 2312.05264, cache the sanitized residual once); checkpoints refer to these files by
+  name and SHA-256 (and their privacy event) instead of embedding them;
 - ``result.json``: the final accuracies, epsilon, MACs and traffic.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -351,11 +353,23 @@ def release_file(run_dir: Path, name: str) -> Path:
     return run_dir / ("released.npz" if name == "train" else f"released_{name}.npz")
 
 
-def save_release(run_dir: Path, name: str, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write a released payload atomically, right after the release."""
+def save_release(run_dir: Path, name: str, arrays: Mapping[str, np.ndarray]) -> str:
+    """Write a released payload atomically, right after the release; return the SHA-256 of
+    the file (what checkpoints refer to instead of embedding the payload)."""
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    atomic_write_bytes(release_file(run_dir, name), buffer.getvalue())
+    payload = buffer.getvalue()
+    atomic_write_bytes(release_file(run_dir, name), payload)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def release_digest(run_dir: Path, name: str) -> str | None:
+    """SHA-256 of the cached release file ``name`` (read in chunks), or None if absent."""
+    path = release_file(run_dir, name)
+    if not path.is_file():
+        return None
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def load_release(run_dir: Path, name: str) -> dict[str, np.ndarray] | None:

@@ -8,8 +8,13 @@ arXiv 2312.05264, Sec. 3.4 (DESIGN.md sec. 3):
 - Stage 2: M_bb is frozen; the residuals of the un-augmented training set are sanitized
   (clip C, N(0, sigma^2 C^2), 1 bit) once or every epoch, each release recorded in the ledger
   before it happens; the labels leave once through randomized response. The public side trains
-  M_res on (bits, noisy labels) by itself; the private side trains M_main on
-  CE(z_main + z_res, y), z_res = M_res(released bits) being post-processing.
+  M_res on (bits, noisy labels) by itself; the private side minimizes
+  L(M_main, w) = CE(z_main + w log_softmax(z_res), y) with the true labels and out-of-fold
+  z_res = M_res(released bits) (post-processing), by block-coordinate descent: each epoch, once
+  the public models have moved, w is fitted exactly for the new z_res and the current M_main
+  (w >= 0, starting at 0: the main-only prediction), then M_main takes an SGD epoch with that
+  w (continuing from stage 1 at the lower ``stage2_lr``). The prediction is
+  z_main + w log_softmax(z_res) with the w that M_main was trained with.
 
 Variants of the same code: ``delta``; ``main-only`` (stage 2 without z_res, nothing leaves);
 ``naive-dp`` (the whole IR is sanitized at the same epsilon and the prediction is z_res);
@@ -71,6 +76,8 @@ from asymflow.delta.runs import (
     prune_checkpoints,
     read_config,
     read_metrics,
+    release_digest,
+    release_file,
     save_checkpoint,
     save_release,
     truncate_metrics,
@@ -90,7 +97,9 @@ __all__ = [
     "train_delta",
 ]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+"""2: the trust weight w in the model's state; releases referenced by file and SHA-256
+(format 1 embedded a copy of every cached release and had no w, i.e. w = 1)."""
 PREDICTION_HEAD = {
     "delta": "combined",
     "main-only": "main",
@@ -172,6 +181,7 @@ class RunResult:
     bytes_per_sample: int
     energy_fraction: float | None
     seconds: float
+    residual_weight: float | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @property
@@ -204,6 +214,7 @@ class RunResult:
             "public_macs": self.public_macs,
             "bytes_per_sample": self.bytes_per_sample,
             "energy_fraction": self.energy_fraction,
+            "residual_weight": self.residual_weight,
             "seconds": self.seconds,
         }
 
@@ -324,15 +335,14 @@ def _labels_from(arrays: dict[str, np.ndarray]) -> NoisyLabels:
     )
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> Tensor:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-
-
-def _npz_arrays(blob: Tensor) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(blob.numpy().tobytes()), allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+def _reference(name: str, digest: str, arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """What a checkpoint keeps of a cached release: its file name, the file's SHA-256 and
+    its privacy event (JSON; enough for inference to sanitize queries alike)."""
+    return {
+        "file": release_file(Path("."), name).name,
+        "sha256": digest,
+        "event": str(arrays["event"]),
+    }
 
 
 def _mean_of(rows: list[dict[str, float]], key: str) -> float | None:
@@ -391,7 +401,8 @@ class _Run:
                 flip=config.flip,
                 eval_batch_size=config.eval_batch_size,
             )
-        self.released: dict[str, Tensor] = {}  # name -> npz bytes of every cached release
+        self.released: dict[str, dict[str, np.ndarray]] = {}  # cached releases, in memory
+        self.release_refs: dict[str, dict[str, str]] = {}  # what checkpoints refer to
         self.metrics_rows: list[dict[str, Any]] = []
 
     def train_batch(self, idx: np.ndarray, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -423,7 +434,7 @@ class _Run:
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "public": self.public.state_dict() if self.public is not None else None,
-            "released": dict(self.released),
+            "released": {k: dict(v) for k, v in self.release_refs.items()},
             "rng": {"torch": torch.get_rng_state()},
             "meta": self.meta(),
         }
@@ -436,19 +447,50 @@ class _Run:
         prune_checkpoints(self.run_dir, keep)
 
     def cached(self, name: str) -> dict[str, np.ndarray] | None:
-        """A cached release: from the checkpoint, else from its file (written right after
-        the release, possibly after the last checkpoint)."""
+        """A cached release: from memory, else from its file (written right after the
+        release, possibly after the last checkpoint). A file that a checkpoint refers to must
+        be there unchanged: a missing or altered payload raises instead of being released
+        again, since the restored public models were trained on that very payload."""
         if name in self.released:
-            return _npz_arrays(self.released[name])
+            return self.released[name]
+        ref = self.release_refs.get(name)
+        digest = release_digest(self.run_dir, name)
+        if ref is not None and digest != ref["sha256"]:
+            path = release_file(self.run_dir, name)
+            what = "missing" if digest is None else f"altered (sha256 {digest})"
+            message = (
+                f"the checkpoint refers to the released payload {path} with sha256 "
+                f"{ref['sha256']}, but the file is {what}; restore it, or delete the stage-2 "
+                "checkpoints to resume from stage 1 (which releases again, in a new ledger row)"
+            )
+            if digest is None:
+                raise FileNotFoundError(message)
+            raise ValueError(message)
+        if digest is None:
+            return None
         arrays = load_release(self.run_dir, name)
-        if arrays is not None:
-            self.released[name] = _npz_bytes(arrays)
+        assert arrays is not None
+        self.released[name] = arrays
+        self.release_refs[name] = _reference(name, digest, arrays)
         return arrays
 
     def keep(self, name: str, arrays: dict[str, np.ndarray]) -> None:
-        """Persist a release immediately (file), and in every later checkpoint."""
-        save_release(self.run_dir, name, arrays)
-        self.released[name] = _npz_bytes(arrays)
+        """Persist a release immediately (file), referenced by every later checkpoint."""
+        digest = save_release(self.run_dir, name, arrays)
+        self.released[name] = arrays
+        self.release_refs[name] = _reference(name, digest, arrays)
+
+    def restore_references(self, refs: dict[str, Any]) -> None:
+        """The release references of a resumed checkpoint (files are read when needed)."""
+        for name, ref in refs.items():
+            if not isinstance(ref, dict) or not {"file", "sha256", "event"} <= set(ref):
+                raise ValueError(f"checkpoint release reference {name!r} is malformed: {ref!r}")
+            self.release_refs[name] = {k: str(ref[k]) for k in ("file", "sha256", "event")}
+
+    def forget_release(self, name: str) -> None:
+        """Drop a spent release from memory and from later checkpoints (its file stays)."""
+        self.released.pop(name, None)
+        self.release_refs.pop(name, None)
 
     # -------------------------------------------------------------- evaluation
 
@@ -663,8 +705,9 @@ class _Run:
             if self.public is not None and labels is not None and test_payload is not None:
                 name = "train" if c.release == "once" else f"train_epoch{epoch}"
                 payload = self.residuals(name, self.train_plain, dataset=c.data, scope="train")
-                for old in [k for k in self.released if k.startswith("train_epoch") and k != name]:
-                    del self.released[old]  # spent releases stay on disk, not in checkpoints
+                spent = [k for k in self.release_refs if k.startswith("train_epoch") and k != name]
+                for old in spent:
+                    self.forget_release(old)  # spent releases stay on disk, not in checkpoints
                 self.save_preview(payload)
                 models = c.public_models
                 self.bars.start_batches(f"epoch {epoch}: public M_res", len(models))
@@ -700,6 +743,8 @@ class _Run:
                 z_test = ensemble_logits(self.public, test_payload, models)
                 if c.variant == "delta":  # post-processing of the release, no new release
                     z_train = self.out_of_fold_logits(payload, models, folds)
+            if z_train is not None:  # new z_res: the w-step, then M_main's epoch with that w
+                row.update(self.fit_residual_weight(z_train))
             if c.variant in ("delta", "main-only"):
                 row.update(self.train_main_epoch(epoch, opt, sched, z_train))
             z_main, energy = self.eval_private()
@@ -707,7 +752,9 @@ class _Run:
             row["test_acc_main"] = _accuracy(z_main, self.test_labels)
             row["test_acc_public"] = _accuracy(z_test, self.test_labels)
             if c.variant == "delta" and z_test is not None:
-                row["test_acc_combined"] = _accuracy(z_main + z_test, self.test_labels)
+                with torch.no_grad():
+                    z_combined = model.combine(z_main, z_test)
+                row["test_acc_combined"] = _accuracy(z_combined, self.test_labels)
             elif c.variant == "main-only":
                 row["test_acc_combined"] = row["test_acc_main"]
             else:
@@ -738,10 +785,41 @@ class _Run:
             z[torch.from_numpy(rows)] = self.public.logits(payload.subset(rows), model=name)
         return z
 
+    @torch.no_grad()
+    def train_main_logits(self) -> Tensor:
+        """z_main of every training row, un-augmented, in evaluation mode (as at test time)."""
+        assert isinstance(self.model, PrivateModel)
+        self.model.eval()
+        return torch.cat(
+            [
+                self.model.main(self.model.features(self.train_plain.get_batch(idx)[0]))
+                for idx in _chunks(self.n_train, self.config.eval_batch_size)
+            ]
+        )
+
+    def fit_residual_weight(self, z_res: Tensor) -> dict[str, float]:
+        """w = argmin_{w >= 0} mean_i CE(z_main,i + w log_softmax(z_res,i), y_i) over the
+        training rows (true labels, out-of-fold z_res, the current M_main): the w-step of the
+        block-coordinate descent on Delta's private objective (:class:`ResidualWeight`).
+
+        Returns w and the training losses at w = 0 (main-only) and at the fitted w, which is
+        never larger (w = 0 is feasible)."""
+        model = self.model
+        assert isinstance(model, PrivateModel)
+        z_main = self.train_main_logits()
+        labels = torch.from_numpy(self.data.train.labels)
+        weight = model.residual_weight.fit(z_main, z_res, labels)
+        return {
+            "residual_weight": weight,
+            "train_loss_main_only": model.residual_weight.loss(z_main, z_res, labels, 0.0),
+            "train_loss_combined": model.residual_weight.loss(z_main, z_res, labels, weight),
+        }
+
     def train_main_epoch(
         self, epoch: int, opt: Any, sched: Any, z_res: Tensor | None
     ) -> dict[str, Any]:
-        """One epoch of M_main on CE(z_main + z_res, y) (z_res = 0 for main-only)."""
+        """One epoch of M_main on CE(z_main + w log_softmax(z_res), y) with w fixed
+        (main-only: CE(z_main, y))."""
         c = self.config
         model = self.model
         assert isinstance(model, PrivateModel)
@@ -757,7 +835,7 @@ class _Run:
                 ir = model.ir(x)
             z = model.main(model.features_of_ir(ir))
             if z_res is not None:
-                z = z + z_res[torch.from_numpy(idx)]
+                z = model.combine(z, z_res[torch.from_numpy(idx)])
             loss = functional.cross_entropy(z, y)
             if c.alpha > 0:
                 loss = loss + model.main.orthogonality_penalty(c.alpha)
@@ -799,8 +877,11 @@ class _Run:
         }
         sigma = self.sigma() if c.releases_residual else None
         energy = None
+        weight = None
         if isinstance(self.model, PrivateModel):
             _, energy = self.eval_private()
+            if c.variant == "delta":
+                weight = self.model.residual_weight.value
         return RunResult(
             run_dir=self.run_dir,
             config=c,
@@ -814,6 +895,7 @@ class _Run:
             bytes_per_sample=math.ceil(math.prod(ir_shape) / 8) if c.releases_residual else 0,
             energy_fraction=energy,
             seconds=seconds,
+            residual_weight=weight,
             metrics=list(self.metrics_rows),
         )
 
@@ -858,10 +940,15 @@ def train_delta(
             if found is not None:
                 stage, epoch, path = found
                 state = load_checkpoint(path)
+                if state.get("format") != CHECKPOINT_FORMAT:
+                    raise ValueError(
+                        f"checkpoint {path} must have format {CHECKPOINT_FORMAT} to resume, got "
+                        f"{state.get('format')} (written by an older version; start a new run)"
+                    )
                 run.model.load_state_dict(state["model"])
                 if run.public is not None and state["public"] is not None:
                     run.public.load_state_dict(state["public"])
-                run.released.update(state["released"])
+                run.restore_references(state["released"])
                 torch.set_rng_state(state["rng"]["torch"])
                 truncate_metrics(run_dir, stage, epoch)
                 run.metrics_rows = read_metrics(run_dir)
@@ -927,6 +1014,11 @@ def fork_stage1(
     if not src_ckpt.is_file():
         raise FileNotFoundError(f"source_run_dir must hold a finished stage 1 ({src_ckpt})")
     state = load_checkpoint(src_ckpt)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"source checkpoint {src_ckpt} must have format {CHECKPOINT_FORMAT}, "
+            f"got {state.get('format')}"
+        )
     state["public"] = None
     state["released"] = {}
     state["config"] = json.dumps(config.to_dict())

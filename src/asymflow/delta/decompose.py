@@ -74,7 +74,10 @@ def top_singular(m: Tensor, r: int, *, iters: int = 30, exact: bool = False) -> 
     The fast path runs power iteration with deflation on the c x c Gram matrices G = M M^T,
     batched over samples (only r components are needed); each start vector is the column of
     the (deflated) G with the largest diagonal entry, so a sample's result does not depend on
-    the batch it is in. ``exact`` uses torch.linalg.svd.
+    the batch it is in. The iteration runs without autograd: gradients flow through
+    s_i v_i = M^T u_i with the subspace u held fixed, which keeps the backward pass as cheap as
+    the forward one (differentiating through every power step costs ~3x the whole model).
+    ``exact`` uses torch.linalg.svd, differentiable throughout.
     Signs are fixed so that the largest-magnitude entry of each u is positive.
     """
     b, c, n = m.shape
@@ -84,21 +87,23 @@ def top_singular(m: Tensor, r: int, *, iters: int = 30, exact: bool = False) -> 
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         u, s, v = u[..., :r], s[..., :r], vh[..., :r, :].transpose(1, 2)
     else:
-        gram = m @ m.transpose(1, 2)  # (B, c, c)
-        us, ss = [], []
-        for _ in range(r):
-            pivot = torch.diagonal(gram, dim1=1, dim2=2).argmax(1)
-            vec = torch.gather(gram, 2, pivot[:, None, None].expand(b, c, 1))
-            vec = vec + 1e-12 * torch.ones_like(vec)  # never exactly zero
-            for _ in range(iters):
-                vec = gram @ vec
-                vec = vec / vec.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            lam = (vec.transpose(1, 2) @ gram @ vec).squeeze(-1).squeeze(-1).clamp_min(0)
-            us.append(vec.squeeze(-1))
-            ss.append(lam.sqrt())
-            gram = gram - lam[:, None, None] * (vec @ vec.transpose(1, 2))
-        u, s = torch.stack(us, -1), torch.stack(ss, -1)  # (B, c, r), (B, r)
-        v = (m.transpose(1, 2) @ u) / s[:, None, :].clamp_min(1e-30)  # (B, n, r)
+        with torch.no_grad():  # the subspace is found without autograd (see docstring)
+            gram = m @ m.transpose(1, 2)  # (B, c, c)
+            us = []
+            for _ in range(r):
+                pivot = torch.diagonal(gram, dim1=1, dim2=2).argmax(1)
+                vec = torch.gather(gram, 2, pivot[:, None, None].expand(b, c, 1))
+                vec = vec + 1e-12 * torch.ones_like(vec)  # never exactly zero
+                for _ in range(iters):
+                    vec = gram @ vec
+                    vec = vec / vec.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                lam = (vec.transpose(1, 2) @ gram @ vec).squeeze(-1).squeeze(-1).clamp_min(0)
+                us.append(vec.squeeze(-1))
+                gram = gram - lam[:, None, None] * (vec @ vec.transpose(1, 2))
+        u = torch.stack(us, -1)  # (B, c, r), no gradient
+        sv = m.transpose(1, 2) @ u  # (B, n, r) = s_i v_i, differentiable in m
+        s = sv.norm(dim=1)
+        v = sv / s[:, None, :].clamp_min(1e-30)
     flip = torch.sign(torch.gather(u, 1, u.abs().argmax(1, keepdim=True)))
     flip = torch.where(flip == 0, torch.ones_like(flip), flip)
     return s, u * flip, v * flip

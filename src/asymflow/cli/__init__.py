@@ -2,7 +2,10 @@
 
 - ``asymflow demo [--out DIR] [--quick]``: Delta on the bundled digits, the ledgers and a report
   (:mod:`.demo`).
-- ``asymflow delta train|eval|report``: Delta runs (:mod:`.delta`).
+- ``asymflow delta train|eval|report``: Delta runs (:mod:`.delta`); ``train`` and ``eval``
+  with ``--public HOST:PORT`` use a public server on another machine.
+- ``asymflow public keygen|serve``: TLS keys and a bearer token, and the public server that
+  hosts Delta's public side on another machine (:mod:`.public`).
 - ``asymflow dpsgd train``: DP-SGD with BIS/Poisson sampling and model partitioning
   (:mod:`.dpsgd`).
 - ``asymflow account``: ε of a training schedule by every certified method and, on request, a
@@ -27,7 +30,7 @@ import typer
 from typer.core import TyperGroup
 
 from asymflow import __version__
-from asymflow.cli import account, delta, demo, dpsgd, ledger
+from asymflow.cli import account, delta, demo, dpsgd, ledger, public
 from asymflow.cli.common import fail
 
 __all__ = ["app"]
@@ -87,6 +90,10 @@ dpsgd_app = typer.Typer(
     no_args_is_help=True,
 )
 ledger_app = typer.Typer(help="Inspect a run's privacy ledger.", no_args_is_help=True)
+public_app = typer.Typer(
+    help="Delta's public side on another machine: TLS keys and a token, and the server.",
+    no_args_is_help=True,
+)
 
 app.command("demo")(demo.demo)
 app.add_typer(delta_app, name="delta")
@@ -100,6 +107,9 @@ account_app.callback(invoke_without_command=True)(account.account)
 account_app.command("calibrate")(account.calibrate)
 app.add_typer(ledger_app, name="ledger")
 ledger_app.command("show")(ledger.ledger_show)
+app.add_typer(public_app, name="public")
+public_app.command("keygen")(public.public_keygen)
+public_app.command("serve")(public.public_serve)
 
 
 def _version(value: bool) -> None:

@@ -6,6 +6,9 @@
   :func:`asymflow.delta.train.train_delta`.
 - ``eval``: test accuracy through accounted inference, :func:`asymflow.delta.infer.evaluate_run`
   (each query batch is a sanitized release recorded in the run's ledger).
+- ``train`` and ``eval`` with ``--public HOST:PORT [--token-file F] [--ca-cert C]``: the public
+  side is a server on another machine (``asymflow public serve``), reached through
+  :class:`asymflow.transport.client.RemotePublic` (:mod:`.public`).
 - ``report``: ``report.md`` with plots over finished runs, :func:`asymflow.report.write_report`.
 
 Method: Niu et al., CVPR 2024, arXiv 2312.05264 (DESIGN.md sec. 3). torch is imported only
@@ -33,9 +36,22 @@ from asymflow.cli.common import (
     out_console,
     parse_int_list,
 )
+from asymflow.cli.public import (
+    CaCertOpt,
+    InsecureOpt,
+    PublicOpt,
+    TokenFileOpt,
+    build_client,
+    check_client_options,
+    check_releases,
+    client_kwargs,
+    connect,
+    remote_errors,
+)
 
 if TYPE_CHECKING:
     from asymflow.delta.runs import DeltaConfig
+    from asymflow.transport.client import RemotePublic
 
 DATA = "Data"
 DECOMPOSITION = "Decomposition and models"
@@ -315,6 +331,10 @@ def delta_train(
         int | None,
         typer.Option(help="torch threads, >= 1. \\[default: 1]", rich_help_panel=RUN),
     ] = None,
+    public_server: PublicOpt = None,
+    token_file: TokenFileOpt = None,
+    ca_cert: CaCertOpt = None,
+    insecure: InsecureOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Train a Delta variant into a run directory and print its summary.
@@ -324,26 +344,50 @@ def delta_train(
     given = {
         name: value
         for name, value in ctx.params.items()
-        if value is not None and name not in ("out", "resume", "json_out")
+        if value is not None and name not in _NOT_CONFIG
     }
-    with errors(_options(), DATA_HINTS):
+    lost = (
+        f"continue the run from its last checkpoint with 'asymflow delta train --out {out} "
+        f"--resume --public {public_server} ...'"
+    )
+    with errors(_options(), DATA_HINTS), remote_errors(public_server, lost):
+        check_client_options(public_server, token_file, ca_cert, insecure)
         for name in ("private_widths", "private_ranks"):
             if name in given:
                 given[name] = parse_int_list(option_name(name), given[name])
         config = _train_config(given, out, resume)
+        check_releases(config, public_server)
         from asymflow.delta.train import train_delta
 
-        result = train_delta(config, out, progress=True, resume=resume).to_dict()
+        if public_server is None:
+            result = train_delta(config, out, progress=True, resume=resume).to_dict()
+        else:
+            from asymflow.transport.client import RemotePublic
+
+            remote = client_kwargs(token_file, ca_cert, insecure)
+            connect(public_server, config, **remote)
+            with build_client(
+                lambda: RemotePublic(public_server, config=config, **remote)
+            ) as public:
+                run = train_delta(config, out, progress=True, resume=resume, public=public)
+            result = run.to_dict()
     if json_out:
         emit_json(result)
         return
     console = out_console()
     console.print(results_table([(out.name or str(out), result)], title=f"Delta run {out}"))
+    remote_eval = "" if public_server is None else f" --public {public_server} ..."
     console.print(
         f"wrote {out}; inspect the releases with 'asymflow ledger show {out}', query the test "
-        f"set with 'asymflow delta eval {out}'",
+        f"set with 'asymflow delta eval {out}{remote_eval}'",
         soft_wrap=True,
     )
+
+
+_NOT_CONFIG = frozenset(
+    ("out", "resume", "json_out", "public_server", "token_file", "ca_cert", "insecure")
+)
+"""Options of ``delta train`` that are not fields of the run's configuration."""
 
 
 def _options() -> dict[str, str]:
@@ -393,16 +437,43 @@ def _train_config(given: Mapping[str, Any], out: Path, resume: bool) -> DeltaCon
 def delta_eval(
     run_dir: Annotated[Path, typer.Argument(help="A trained Delta run directory.")],
     batch_size: Annotated[int, typer.Option(help="Queries per released batch, >= 1.")] = 256,
+    public_server: PublicOpt = None,
+    token_file: TokenFileOpt = None,
+    ca_cert: CaCertOpt = None,
+    insecure: InsecureOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Test accuracy of a trained run, queried as in deployment: each batch's residual is
-    sanitized and recorded in the run's ledger before it leaves."""
-    with errors({"run_dir": "RUN_DIR", "batch_size": "--batch-size"}, DATA_HINTS):
-        check_min_int("--batch-size", batch_size, 1)
-        _check_run_dir(run_dir, finished=False)
-        from asymflow.delta.infer import evaluate_run
+    sanitized and recorded in the run's ledger before it leaves.
 
-        result = evaluate_run(run_dir, batch_size=batch_size)
+    With --public the run's public models are sent to that server, which answers the queries.
+
+    Example: asymflow delta eval RUN --public HOST:7070 --token-file token --ca-cert cert.pem
+    """
+    lost = "run the evaluation again (the run's public models are sent again)"
+    with (
+        errors({"run_dir": "RUN_DIR", "batch_size": "--batch-size"}, DATA_HINTS),
+        remote_errors(public_server, lost),
+    ):
+        check_min_int("--batch-size", batch_size, 1)
+        check_client_options(public_server, token_file, ca_cert, insecure)
+        _check_run_dir(run_dir, finished=False)
+        if public_server is None:
+            from asymflow.delta.infer import evaluate_run
+
+            result = evaluate_run(run_dir, batch_size=batch_size)
+        else:
+            from asymflow.delta.runs import read_config
+            from asymflow.transport.client import RemotePublic
+
+            config = read_config(run_dir)
+            check_releases(config, public_server)
+            remote = client_kwargs(token_file, ca_cert, insecure)
+            connect(public_server, config, **remote)
+            with build_client(
+                lambda: RemotePublic.for_run(run_dir, public_server, **remote)
+            ) as public:
+                result = _evaluate_remote(run_dir, batch_size, public)
     if json_out:
         emit_json(result)
         return
@@ -427,6 +498,48 @@ def delta_eval(
         )
     else:
         console.print(f"{result['variant']} answers queries privately: nothing was released")
+    if public_server is not None:
+        console.print(
+            f"z_res came from the public server at {public_server} "
+            f"({result['server_seconds']:.2f} s of its compute)",
+            soft_wrap=True,
+        )
+
+
+def _evaluate_remote(run_dir: Path, batch_size: int, public: RemotePublic) -> dict[str, Any]:
+    """:func:`asymflow.delta.infer.evaluate_run` with ``public`` as the public side: accuracy
+    on the test split, each query batch one release in the run's ledger on dataset
+    ``"<data>/test-queries"``, and the certified ε of one query."""
+    import math
+
+    import torch
+
+    from asymflow.accounting.ledger import PrivacyLedger
+    from asymflow.delta.infer import infer, load_system
+    from asymflow.delta.train import load_run_data
+
+    system = load_system(run_dir, public=public)
+    data = load_run_data(system.config)
+    dataset = f"{system.config.data}/test-queries"
+    with PrivacyLedger.for_run(run_dir) as ledger:
+        logits = infer(
+            system, data.test.images, batch_size=batch_size, ledger=ledger, dataset=dataset
+        )
+        report = ledger.epsilon(system.config.delta, dataset=dataset, scope="query:0")
+    accuracy = float((logits.argmax(1) == torch.from_numpy(data.test.labels)).float().mean())
+    eps = float(report.epsilon)
+    return {
+        "run_dir": str(run_dir),
+        "variant": system.config.variant,
+        "accuracy": accuracy,
+        "queries": len(data.test),
+        "batches": math.ceil(len(data.test) / batch_size),
+        "epsilon_per_query": "inf" if math.isinf(eps) else eps,
+        "epsilon_method": report.method,
+        "delta": system.config.delta,
+        "public": public.target,
+        "server_seconds": public.server_seconds,
+    }
 
 
 def _check_run_dir(run_dir: Path, *, finished: bool) -> None:

@@ -217,3 +217,11 @@ def test_partial_splitting_amplifies_over_unsplit_joint_step():
     split = SelfComposed(PoissonSampled(q, Composed((shared, ModelPartitioned(4, shared)))), steps)
     unsplit = SelfComposed(PoissonSampled(q, Composed((shared, shared))), steps)
     assert best_epsilon(split, 1e-5).epsilon < best_epsilon(unsplit, 1e-5).epsilon
+
+
+def test_repeated_leaves_merge_into_one_self_composition():
+    step = PoissonSampled(0.01, Gaussian(1.0))
+    acc = PldAccountant().compose(Composed(tuple([step] * 50)))
+    assert acc.leaves == [(step, 50)]
+    direct = PldAccountant().compose(SelfComposed(step, 50)).epsilon(1e-5)
+    assert acc.epsilon(1e-5) == pytest.approx(direct, rel=1e-12)

@@ -60,6 +60,9 @@ class Accountant(ABC):
         elif isinstance(event, Composed):
             for e in event.events:
                 self._add(e, count)
+        elif self._leaves and self._leaves[-1][0] == event:
+            # Repeated releases (one ledger row per round) compose as one SelfComposed.
+            self._leaves[-1] = (event, self._leaves[-1][1] + count)
         else:
             self._leaves.append((event, count))
 

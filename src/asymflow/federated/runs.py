@@ -1,0 +1,127 @@
+"""Run directory of a federated run (DESIGN.md sec. 1).
+
+- ``config.json``: the :class:`asymflow.federated.FederatedConfig`;
+- ``metrics.jsonl``: one JSON line per round (round 0 is the initial model): test accuracy on
+  the server's test split and the certified client-level epsilon so far;
+- ``ledger.sqlite``: one row per Poisson round or BIS pass, written before its release;
+- ``ckpt/final.pt``: the final global model (a released object);
+- ``result.json``, ``report.md`` and ``report.png``.
+
+Nothing computed on client data is stored: no training loss, and not the number of clients that
+took part in a round (under add/remove of a client that count reveals presence; only the noisy
+models are covered by the accounting).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asymflow.dpsgd.runs import append_metrics, atomic_write_json, read_metrics
+from asymflow.federated.config import FederatedConfig
+
+__all__ = [
+    "CONFIG_FILE",
+    "FINAL_CHECKPOINT",
+    "METRICS_FILE",
+    "RESULT_FILE",
+    "FederatedResult",
+    "append_metrics",
+    "atomic_write_json",
+    "read_config",
+    "read_metrics",
+    "read_result",
+    "save_final_model",
+]
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+FINAL_CHECKPOINT = Path("ckpt") / "final.pt"
+
+
+@dataclass(frozen=True)
+class FederatedResult:
+    """Summary of a federated run; ``epsilon`` is the client-level epsilon recomputed from the
+    ledger (the source of truth) at ``delta``."""
+
+    run_dir: str
+    sigma: float
+    epsilon: float
+    delta: float
+    method: str
+    test_acc: float
+    rounds: int
+    clients: int
+    expected_clients: float
+    sampler: str
+    subnetwork: str
+    accounting: str
+    calibrated: bool
+    seconds: float
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (an infinite epsilon is written as ``"inf"``)."""
+        out = asdict(self)
+        if math.isinf(out["epsilon"]):
+            out["epsilon"] = "inf"
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FederatedResult:
+        """Inverse of :meth:`to_dict`."""
+        values = dict(data)
+        if values.get("epsilon") == "inf":
+            values["epsilon"] = math.inf
+        return cls(**values)
+
+
+def read_config(run_dir: str | os.PathLike[str]) -> FederatedConfig:
+    """``config.json`` of a federated run directory."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"run_dir must hold a {CONFIG_FILE}, got run_dir={str(run_dir)!r}")
+    return FederatedConfig.from_dict(json.loads(path.read_text()))
+
+
+def read_result(run_dir: str | os.PathLike[str]) -> FederatedResult:
+    """``result.json`` of a finished federated run."""
+    path = Path(run_dir) / RESULT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"run_dir must hold a finished run ({RESULT_FILE}), got {run_dir}")
+    return FederatedResult.from_dict(json.loads(path.read_text()))
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    """Temp file in the same directory, fsync, ``os.replace``: never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_final_model(
+    run_dir: Path, weights: dict[str, torch.Tensor], config: FederatedConfig
+) -> Path:
+    """Write ``ckpt/final.pt`` (weights and config) atomically."""
+    buffer = io.BytesIO()
+    torch.save({"model": weights, "config": config.to_dict()}, buffer)
+    path = run_dir / FINAL_CHECKPOINT
+    _atomic_write(path, buffer.getvalue())
+    return path

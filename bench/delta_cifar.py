@@ -39,7 +39,7 @@ PRIVATE_RANKS = (8, 12, 24)
 
 def configs(quick: bool) -> dict[str, DeltaConfig]:
     """The runs by name; all share data, models, epochs and seeds."""
-    subset = "@1000,500" if quick else "@6000,1000"
+    subset = "@1000,500" if quick else "@3000,1000"
     base = DeltaConfig(
         data=f"cifar10:{DATA}{subset}",
         image_size=32,
@@ -51,8 +51,8 @@ def configs(quick: bool) -> dict[str, DeltaConfig]:
         private_ranks=PRIVATE_RANKS,
         public_arch="resnet20",
         public_width=1.0,
-        epochs_stage1=1 if quick else 3,
-        epochs_stage2=1 if quick else 2,
+        epochs_stage1=1 if quick else 2,
+        epochs_stage2=1,
         batch_size=64,
         lr=0.05,
         flip=True,
@@ -122,7 +122,7 @@ def main() -> int:
         if run_dir != first and config.variant != "original" and not run_dir.exists():
             fork_stage1(first, run_dir, config)
         result = train_delta(config, run_dir, progress=True, resume=True)
-        n_train = 1000 if args.quick else 6000
+        n_train = 1000 if args.quick else 3000
         images = n_train * (config.epochs_stage1 + config.epochs_stage2)
         rows.append(row(name, result, images))
         console.print(f"{name}: accuracy {fmt(result.accuracy)} eps {fmt(result.epsilon)}")

@@ -8,6 +8,8 @@
   hosts Delta's public side on another machine (:mod:`.public`).
 - ``asymflow dpsgd train``: DP-SGD with BIS/Poisson sampling and model partitioning
   (:mod:`.dpsgd`).
+- ``asymflow fl run|app``: federated training with client-level DP on Flower, simulated, or
+  a Flower App directory for ``flwr run`` (:mod:`.fl`).
 - ``asymflow account``: ε of a training schedule by every certified method and, on request, a
   Monte Carlo estimate; ``account calibrate``: the smallest σ for a target ε (:mod:`.account`).
 - ``asymflow ledger show RUN_DIR``: a run's privacy ledger and the ε it spends (:mod:`.ledger`).
@@ -30,7 +32,7 @@ import typer
 from typer.core import TyperGroup
 
 from asymflow import __version__
-from asymflow.cli import account, delta, demo, dpsgd, ledger, public
+from asymflow.cli import account, delta, demo, dpsgd, fl, ledger, public
 from asymflow.cli.common import fail
 
 __all__ = ["app"]
@@ -89,6 +91,10 @@ dpsgd_app = typer.Typer(
     help="DP-SGD with balanced (k of T) or Poisson sampling and model partitioning.",
     no_args_is_help=True,
 )
+fl_app = typer.Typer(
+    help="Federated training with client-level DP on Flower: simulate, or write a Flower App.",
+    no_args_is_help=True,
+)
 ledger_app = typer.Typer(help="Inspect a run's privacy ledger.", no_args_is_help=True)
 public_app = typer.Typer(
     help="Delta's public side on another machine: TLS keys and a token, and the server.",
@@ -102,6 +108,9 @@ delta_app.command("eval")(delta.delta_eval)
 delta_app.command("report")(delta.delta_report)
 app.add_typer(dpsgd_app, name="dpsgd")
 dpsgd_app.command("train")(dpsgd.dpsgd_train)
+app.add_typer(fl_app, name="fl")
+fl_app.command("run")(fl.fl_run)
+fl_app.command("app")(fl.fl_app)
 app.add_typer(account_app, name="account")
 account_app.callback(invoke_without_command=True)(account.account)
 account_app.command("calibrate")(account.calibrate)

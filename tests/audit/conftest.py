@@ -1,0 +1,34 @@
+"""Shared settings for the audit tests: one torch thread, a tiny synthetic pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from asymflow.audit.views import PublicViewer
+from asymflow.data import ImageData, synthetic
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread per test: the tensors are tiny and the runner's 2 cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tiny_viewer(data: ImageData, seed: int = 0) -> PublicViewer:
+    """A random-init M_bb with 8 IR channels on 16x16 images, r=2, 8x8 DCT blocks (low 4x4)."""
+    mean, std = data.channel_stats()
+    return PublicViewer.random(ir_channels=8, mean=mean, std=std, r=2, t=8, t_low=4, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_data() -> ImageData:
+    """600 training and 120 test synthetic 16x16 images (10 classes)."""
+    return synthetic(600, 120, size=16, seed=3)

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,9 +32,48 @@ import torch
 from asymflow.delta.public import fold_model_names
 from asymflow.models import DEMO_PRIVATE_RANKS, DEMO_PRIVATE_WIDTHS
 from asymflow.models.resnet import ARCHS
+from asymflow.runfiles import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    append_metrics,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_bounded_number,
+    check_choice,
+    check_int,
+    read_metrics,
+)
+from asymflow.runfiles import read_config as _read_config
+from asymflow.runfiles import write_config as _write_config
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
+__all__ = [
+    "CKPT_DIR",
+    "CONFIG_FILE",
+    "LABEL_MODES",
+    "METRICS_FILE",
+    "PREVIEW_FILE",
+    "RELEASE_MODES",
+    "RESULT_FILE",
+    "VARIANTS",
+    "DeltaConfig",
+    "append_metrics",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "checkpoint_path",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_release",
+    "prune_checkpoints",
+    "read_config",
+    "read_metrics",
+    "release_digest",
+    "release_file",
+    "save_checkpoint",
+    "save_release",
+    "truncate_metrics",
+    "write_config",
+]
+
 RESULT_FILE = "result.json"
 PREVIEW_FILE = "preview.npz"
 CKPT_DIR = "ckpt"
@@ -45,24 +83,6 @@ LABEL_MODES: tuple[str, ...] = ("rr", "clear")
 RELEASE_MODES: tuple[str, ...] = ("once", "per-epoch")
 
 _CKPT_NAME = re.compile(r"^stage([12])_epoch(\d+)\.pt$")
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
-
-
-def _check_number(name: str, value: object, *, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"{name} must be a number in [{low}, {high}], got {name}={value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must satisfy {low} <= {name} <= {high}, got {name}={value}")
-    return float(value)
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {name}={value!r}")
 
 
 @dataclass(frozen=True)
@@ -126,27 +146,27 @@ class DeltaConfig:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        _check_choice("variant", self.variant, VARIANTS)
-        _check_choice("labels", self.labels, LABEL_MODES)
-        _check_choice("release", self.release, RELEASE_MODES)
-        _check_choice("public_arch", self.public_arch, tuple(ARCHS))
+        check_choice("variant", self.variant, VARIANTS)
+        check_choice("labels", self.labels, LABEL_MODES)
+        check_choice("release", self.release, RELEASE_MODES)
+        check_choice("public_arch", self.public_arch, tuple(ARCHS))
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"data must be a data spec such as 'digits', got {self.data!r}")
         for name in ("image_size", "ir_channels", "r", "t", "t_low", "batch_size"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("eval_batch_size", self.eval_batch_size, 1)
-        _check_int("epochs_stage1", self.epochs_stage1, 0)
-        _check_int("epochs_stage2", self.epochs_stage2, 0)
-        _check_int("seed", self.seed, 0)
-        _check_int("threads", self.threads, 1)
-        _check_int("public_folds", self.public_folds, 1)
-        _check_int("public_epochs", self.public_epochs, 1)
+            check_int(name, getattr(self, name), 1)
+        check_int("eval_batch_size", self.eval_batch_size, 1)
+        check_int("epochs_stage1", self.epochs_stage1, 0)
+        check_int("epochs_stage2", self.epochs_stage2, 0)
+        check_int("seed", self.seed, 0)
+        check_int("threads", self.threads, 1)
+        check_int("public_folds", self.public_folds, 1)
+        check_int("public_epochs", self.public_epochs, 1)
         if self.public_folds > 10:
             raise ValueError(
                 f"public_folds must satisfy 1 <= public_folds <= 10, got {self.public_folds}"
             )
         if self.noise_seed is not None:
-            _check_int("noise_seed", self.noise_seed, 0)
+            check_int("noise_seed", self.noise_seed, 0)
         if self.t_low > self.t:
             raise ValueError(f"t_low must satisfy 1 <= t_low <= t={self.t}, got {self.t_low}")
         if self.r > self.ir_channels:
@@ -161,28 +181,28 @@ class DeltaConfig:
                 f"{self.private_widths} and {self.private_ranks}"
             )
         for i, (n, q) in enumerate(zip(self.private_widths, self.private_ranks, strict=True)):
-            _check_int(f"private_widths[{i}]", n, 1)
-            _check_int(f"private_ranks[{i}]", q, 1)
-        _check_number("public_width", self.public_width, low=1e-3, high=16)
+            check_int(f"private_widths[{i}]", n, 1)
+            check_int(f"private_ranks[{i}]", q, 1)
+        check_bounded_number("public_width", self.public_width, low=1e-3, high=16)
         for name in ("lr", "stage2_lr", "public_lr"):
-            if _check_number(name, getattr(self, name), low=0, high=10) <= 0:
+            if check_bounded_number(name, getattr(self, name), low=0, high=10) <= 0:
                 raise ValueError(f"{name} must satisfy 0 < {name} <= 10, got {getattr(self, name)}")
-        _check_number("momentum", self.momentum, low=0, high=0.999)
-        _check_number("weight_decay", self.weight_decay, low=0, high=1)
-        _check_number("alpha", self.alpha, low=0, high=100)
+        check_bounded_number("momentum", self.momentum, low=0, high=0.999)
+        check_bounded_number("weight_decay", self.weight_decay, low=0, high=1)
+        check_bounded_number("alpha", self.alpha, low=0, high=100)
         for name in ("augment", "flip", "public_augment"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {name}={getattr(self, name)!r}")
-        eps = _check_number("epsilon", self.epsilon, low=0, high=math.inf)
+        eps = check_bounded_number("epsilon", self.epsilon, low=0, high=math.inf)
         if eps <= 0:
             raise ValueError(f"epsilon must satisfy 0 < epsilon <= inf, got epsilon={eps}")
-        delta = _check_number("delta", self.delta, low=0, high=1)
+        delta = check_bounded_number("delta", self.delta, low=0, high=1)
         if not 0 < delta < 1:
             raise ValueError(f"delta must satisfy 0 < delta < 1, got delta={delta}")
-        clip = _check_number("clip", self.clip, low=0, high=math.inf)
+        clip = check_bounded_number("clip", self.clip, low=0, high=math.inf)
         if not (0 < clip < math.inf):
             raise ValueError(f"clip must be a finite number > 0, got clip={clip}")
-        label_eps = _check_number("label_epsilon", self.label_epsilon, low=0, high=math.inf)
+        label_eps = check_bounded_number("label_epsilon", self.label_epsilon, low=0, high=math.inf)
         if not (0 < label_eps < math.inf):
             raise ValueError(
                 "label_epsilon must be a finite number > 0 (use labels='clear' for no noise), "
@@ -241,60 +261,14 @@ class DeltaConfig:
 # ------------------------------------------------------------------------------ files
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` via a temporary file in the same directory, fsync and
-    ``os.replace``, so that readers see the old or the new file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """:func:`atomic_write_bytes` of pretty JSON."""
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-
-
 def write_config(run_dir: Path, config: DeltaConfig) -> None:
     """Write ``config.json``."""
-    atomic_write_json(run_dir / CONFIG_FILE, config.to_dict())
+    _write_config(run_dir, config)
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> DeltaConfig:
     """Read ``config.json`` of a run directory."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"run_dir must hold a {CONFIG_FILE}, got run_dir={str(run_dir)!r}")
-    return DeltaConfig.from_dict(json.loads(path.read_text()))
-
-
-def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
-    """Append one JSON line to ``metrics.jsonl`` (flushed and fsynced)."""
-    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(dict(row), sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All rows of ``metrics.jsonl`` (empty if there is none); a torn last line is skipped."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    return _read_config(run_dir, DeltaConfig.from_dict)
 
 
 def truncate_metrics(run_dir: Path, stage: int, epoch: int) -> None:

@@ -11,10 +11,7 @@ size would be a release the ledger does not cover.
 from __future__ import annotations
 
 import io
-import json
-import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,6 +21,18 @@ import torch
 
 from asymflow.accounting.best import CERTIFIED_METHODS
 from asymflow.dpsgd.partition import UNITS, PartitionSpec
+from asymflow.runfiles import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    append_metrics,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_choice,
+    check_int,
+    check_number,
+    read_metrics,
+)
+from asymflow.runfiles import read_config as _read_config
 
 __all__ = [
     "CONFIG_FILE",
@@ -39,32 +48,11 @@ __all__ = [
     "save_checkpoint",
 ]
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 CKPT_DIR = "ckpt"
 SAMPLERS: tuple[str, ...] = ("balanced", "poisson", "shuffle")
 MODELS: tuple[str, ...] = ("resnet20", "resnet18", "resnet34")
 NORMS: tuple[str, ...] = ("group", "batch")
-
-
-def _int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
-
-
-def _number(name: str, value: object, low: float, high: float, *, open_low: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if ok:
-        ok = (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {name}={value!r}")
-
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {name}={value!r}")
 
 
 @dataclass(frozen=True)
@@ -114,62 +102,62 @@ class DpsgdConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"data must be a data spec such as 'digits', got {self.data!r}")
-        _choice("model", self.model, MODELS)
-        _choice("norm", self.norm, NORMS)
-        _choice("sampler", self.sampler, SAMPLERS)
-        _choice("partition_unit", self.partition_unit, UNITS)
-        _number("width", self.width, 0.0, 16.0, open_low=True)
-        _int("k", self.k, 1)
+        check_choice("model", self.model, MODELS)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("partition_unit", self.partition_unit, UNITS)
+        check_number("width", self.width, 0.0, 16.0, open_low=True)
+        check_int("k", self.k, 1)
         if self.steps is not None:
-            _int("steps", self.steps, 1)
+            check_int("steps", self.steps, 1)
             if self.k > self.steps:
                 raise ValueError(
                     f"k must satisfy 1 <= k <= steps, got k={self.k}, steps={self.steps}"
                 )
-        _int("batch_size", self.batch_size, 1)
+        check_int("batch_size", self.batch_size, 1)
         if self.q is not None:
-            _number("q", self.q, 0.0, 1.0, open_low=True)
+            check_number("q", self.q, 0.0, 1.0, open_low=True)
             if self.sampler != "poisson":
                 raise ValueError(f"q applies to sampler 'poisson' only, got sampler={self.sampler}")
-        _int("epochs", self.epochs, 1)
+        check_int("epochs", self.epochs, 1)
         if (self.sigma is None) == (self.target_epsilon is None):
             raise ValueError(
                 "exactly one of sigma and target_epsilon must be given, got "
                 f"sigma={self.sigma!r}, target_epsilon={self.target_epsilon!r}"
             )
         if self.sigma is not None:
-            _number("sigma", self.sigma, 0.0, 1e6, open_low=True)
+            check_number("sigma", self.sigma, 0.0, 1e6, open_low=True)
         if self.target_epsilon is not None:
-            _number("target_epsilon", self.target_epsilon, 0.0, 1e4, open_low=True)
-        _number("delta", self.delta, 0.0, 1.0, open_low=True)
+            check_number("target_epsilon", self.target_epsilon, 0.0, 1e4, open_low=True)
+        check_number("delta", self.delta, 0.0, 1.0, open_low=True)
         if self.delta >= 1:
             raise ValueError(f"delta must satisfy 0 < delta < 1, got delta={self.delta}")
-        _number("clip", self.clip, 0.0, 1e6, open_low=True)
+        check_number("clip", self.clip, 0.0, 1e6, open_low=True)
         if self.shared_clip is not None:
-            _number("shared_clip", self.shared_clip, 0.0, 1e6, open_low=True)
+            check_number("shared_clip", self.shared_clip, 0.0, 1e6, open_low=True)
         PartitionSpec.parse(self.partition)
         object.__setattr__(self, "shared", tuple(self.shared))
         if any(not isinstance(s, str) or not s for s in self.shared):
             raise ValueError(f"shared must list non-empty name prefixes, got {self.shared!r}")
         if self.shared and PartitionSpec.parse(self.partition).kind == "none":
             raise ValueError("shared parameters need partition 'split:d' or 'dropout:0.5'")
-        _number("lr", self.lr, 0.0, 100.0, open_low=True)
-        _number("momentum", self.momentum, 0.0, 0.999)
-        _number("weight_decay", self.weight_decay, 0.0, 1.0)
+        check_number("lr", self.lr, 0.0, 100.0, open_low=True)
+        check_number("momentum", self.momentum, 0.0, 0.999)
+        check_number("weight_decay", self.weight_decay, 0.0, 1.0)
         if not isinstance(self.augment, bool):
             raise ValueError(f"augment must be a bool, got augment={self.augment!r}")
-        _int("eval_batch_size", self.eval_batch_size, 1)
-        _int("seed", self.seed, 0)
+        check_int("eval_batch_size", self.eval_batch_size, 1)
+        check_int("seed", self.seed, 0)
         for name in ("sampler_seed", "noise_seed"):
             if getattr(self, name) is not None:
-                _int(name, getattr(self, name), 0)
+                check_int(name, getattr(self, name), 0)
         object.__setattr__(self, "methods", tuple(self.methods))
         if not self.methods or any(m not in CERTIFIED_METHODS for m in self.methods):
             raise ValueError(
                 f"methods must be a non-empty subset of {sorted(CERTIFIED_METHODS)}, "
                 f"got methods={self.methods!r}"
             )
-        _int("threads", self.threads, 1)
+        check_int("threads", self.threads, 1)
 
     @property
     def partition_spec(self) -> PartitionSpec:
@@ -200,48 +188,9 @@ class DpsgdConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Temp file in the same directory, fsync, ``os.replace``: never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write pretty JSON atomically."""
-    _atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-
-
 def read_config(run_dir: str | os.PathLike[str]) -> DpsgdConfig:
     """``config.json`` of a run directory."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"run_dir must hold a {CONFIG_FILE}, got run_dir={str(run_dir)!r}")
-    return DpsgdConfig.from_dict(json.loads(path.read_text()))
-
-
-def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
-    """Append one JSON line to ``metrics.jsonl`` (flushed and fsynced)."""
-    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(dict(row), sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All rows of ``metrics.jsonl`` (empty if there is none)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return _read_config(run_dir, DpsgdConfig.from_dict)
 
 
 def save_checkpoint(run_dir: Path, epoch: int, state: Mapping[str, Any]) -> Path:
@@ -250,7 +199,7 @@ def save_checkpoint(run_dir: Path, epoch: int, state: Mapping[str, Any]) -> Path
     path = directory / f"epoch{epoch}.pt"
     buffer = io.BytesIO()
     torch.save(dict(state), buffer)
-    _atomic_write(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     for old in directory.glob("epoch*.pt"):
         if old != path:
             old.unlink(missing_ok=True)

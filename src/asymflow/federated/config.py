@@ -21,13 +21,13 @@ Differentially Private Recurrent Language Models", Alg. 1, estimator f_f with un
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from asymflow.accounting.best import CERTIFIED_METHODS
 from asymflow.dpsgd.partition import UNITS, PartitionSpec
+from asymflow.runfiles import check_choice, check_int, check_number
 
 __all__ = ["MODELS", "SAMPLERS", "SPLITS", "FederatedConfig"]
 
@@ -38,25 +38,6 @@ MODELS: tuple[str, ...] = ("resnet20", "resnet18", "resnet34")
 _OPTIONAL_INT = ("sampler_seed", "noise_seed")
 _OPTIONAL_FLOAT = ("q", "sigma", "target_epsilon")
 _TUPLES = ("methods",)
-
-
-def _int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
-
-
-def _number(name: str, value: object, low: float, high: float, *, open_low: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if ok:
-        ok = (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {name}={value!r}")
-
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {name}={value!r}")
 
 
 @dataclass(frozen=True)
@@ -113,19 +94,19 @@ class FederatedConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"data must be a data spec such as 'digits', got {self.data!r}")
-        _choice("model", self.model, MODELS)
-        _number("width", self.width, 0.0, 16.0, open_low=True)
-        _int("clients", self.clients, 1)
-        _int("rounds", self.rounds, 1)
-        _choice("sampler", self.sampler, SAMPLERS)
-        _int("k", self.k, 1)
-        _int("period", self.period, 1)
+        check_choice("model", self.model, MODELS)
+        check_number("width", self.width, 0.0, 16.0, open_low=True)
+        check_int("clients", self.clients, 1)
+        check_int("rounds", self.rounds, 1)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_int("k", self.k, 1)
+        check_int("period", self.period, 1)
         if self.k > self.period:
             raise ValueError(
                 f"k must satisfy 1 <= k <= period, got k={self.k}, period={self.period}"
             )
         if self.q is not None:
-            _number("q", self.q, 0.0, 1.0, open_low=True)
+            check_number("q", self.q, 0.0, 1.0, open_low=True)
             if self.sampler != "poisson":
                 raise ValueError(f"q applies to sampler 'poisson' only, got sampler={self.sampler}")
         spec = PartitionSpec.parse(self.subnetwork)
@@ -134,41 +115,41 @@ class FederatedConfig:
                 "subnetwork must be 'none' or 'split:d' (d >= 2); dropout masks are not "
                 f"supported for federated clients, got subnetwork={self.subnetwork!r}"
             )
-        _choice("partition_unit", self.partition_unit, UNITS)
+        check_choice("partition_unit", self.partition_unit, UNITS)
         if (self.sigma is None) == (self.target_epsilon is None):
             raise ValueError(
                 "exactly one of sigma and target_epsilon must be given, got "
                 f"sigma={self.sigma!r}, target_epsilon={self.target_epsilon!r}"
             )
         if self.sigma is not None:
-            _number("sigma", self.sigma, 0.0, 1e6, open_low=True)
+            check_number("sigma", self.sigma, 0.0, 1e6, open_low=True)
         if self.target_epsilon is not None:
-            _number("target_epsilon", self.target_epsilon, 0.0, 1e4, open_low=True)
-        _number("delta", self.delta, 0.0, 1.0, open_low=True)
+            check_number("target_epsilon", self.target_epsilon, 0.0, 1e4, open_low=True)
+        check_number("delta", self.delta, 0.0, 1.0, open_low=True)
         if self.delta >= 1:
             raise ValueError(f"delta must satisfy 0 < delta < 1, got delta={self.delta}")
-        _number("clip", self.clip, 0.0, 1e6, open_low=True)
-        _number("server_lr", self.server_lr, 0.0, 100.0, open_low=True)
-        _int("local_epochs", self.local_epochs, 1)
-        _int("batch_size", self.batch_size, 1)
-        _number("lr", self.lr, 0.0, 100.0, open_low=True)
-        _number("momentum", self.momentum, 0.0, 0.999)
-        _choice("split", self.split, SPLITS)
-        _number("alpha", self.alpha, 0.0, 1e6, open_low=True)
-        _int("seed", self.seed, 0)
+        check_number("clip", self.clip, 0.0, 1e6, open_low=True)
+        check_number("server_lr", self.server_lr, 0.0, 100.0, open_low=True)
+        check_int("local_epochs", self.local_epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_number("lr", self.lr, 0.0, 100.0, open_low=True)
+        check_number("momentum", self.momentum, 0.0, 0.999)
+        check_choice("split", self.split, SPLITS)
+        check_number("alpha", self.alpha, 0.0, 1e6, open_low=True)
+        check_int("seed", self.seed, 0)
         for name in ("sampler_seed", "noise_seed"):
             if getattr(self, name) is not None:
-                _int(name, getattr(self, name), 0)
+                check_int(name, getattr(self, name), 0)
         object.__setattr__(self, "methods", tuple(self.methods))
         if not self.methods or any(m not in CERTIFIED_METHODS for m in self.methods):
             raise ValueError(
                 f"methods must be a non-empty subset of {sorted(CERTIFIED_METHODS)}, "
                 f"got methods={self.methods!r}"
             )
-        _int("eval_batch_size", self.eval_batch_size, 1)
-        _int("threads", self.threads, 1)
-        _int("parallelism", self.parallelism, 1)
-        _number("round_timeout", self.round_timeout, 0.0, 1e7, open_low=True)
+        check_int("eval_batch_size", self.eval_batch_size, 1)
+        check_int("threads", self.threads, 1)
+        check_int("parallelism", self.parallelism, 1)
+        check_number("round_timeout", self.round_timeout, 0.0, 1e7, open_low=True)
 
     # ------------------------------------------------------------------ derived quantities
 

@@ -18,15 +18,22 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from asymflow.dpsgd.runs import append_metrics, atomic_write_json, read_metrics
 from asymflow.federated.config import FederatedConfig
+from asymflow.runfiles import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    append_metrics,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_metrics,
+)
+from asymflow.runfiles import read_config as _read_config
 
 __all__ = [
     "CONFIG_FILE",
@@ -42,8 +49,6 @@ __all__ = [
     "save_final_model",
 ]
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 FINAL_CHECKPOINT = Path("ckpt") / "final.pt"
 
@@ -87,10 +92,7 @@ class FederatedResult:
 
 def read_config(run_dir: str | os.PathLike[str]) -> FederatedConfig:
     """``config.json`` of a federated run directory."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"run_dir must hold a {CONFIG_FILE}, got run_dir={str(run_dir)!r}")
-    return FederatedConfig.from_dict(json.loads(path.read_text()))
+    return _read_config(run_dir, FederatedConfig.from_dict)
 
 
 def read_result(run_dir: str | os.PathLike[str]) -> FederatedResult:
@@ -101,21 +103,6 @@ def read_result(run_dir: str | os.PathLike[str]) -> FederatedResult:
     return FederatedResult.from_dict(json.loads(path.read_text()))
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Temp file in the same directory, fsync, ``os.replace``: never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_final_model(
     run_dir: Path, weights: dict[str, torch.Tensor], config: FederatedConfig
 ) -> Path:
@@ -123,5 +110,5 @@ def save_final_model(
     buffer = io.BytesIO()
     torch.save({"model": weights, "config": config.to_dict()}, buffer)
     path = run_dir / FINAL_CHECKPOINT
-    _atomic_write(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -1,0 +1,142 @@
+"""Run-directory files and config validators shared by the Delta, DP-SGD and federated runs.
+
+- :func:`atomic_write_bytes` / :func:`atomic_write_json`: temp file in the same directory,
+  fsync, ``os.replace``, so that readers see the old or the new file, never a torn one;
+- :func:`append_metrics` / :func:`read_metrics`: ``metrics.jsonl``, one fsynced JSON object a
+  line; a torn (undecodable) line is skipped on reading;
+- :func:`read_config` / :func:`write_config`: ``config.json`` through a config's
+  ``to_dict`` / ``from_dict``;
+- :func:`check_int`, :func:`check_number`, :func:`check_choice` (and Delta's
+  :func:`check_bounded_number`): field validators raising ``ValueError`` with the messages
+  the configs have always used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+__all__ = [
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "append_metrics",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "check_bounded_number",
+    "check_choice",
+    "check_int",
+    "check_number",
+    "read_config",
+    "read_metrics",
+    "write_config",
+]
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+
+T = TypeVar("T")
+
+
+class _ToDict(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+# ------------------------------------------------------------------------------ validators
+
+
+def check_int(name: str, value: object, low: int) -> None:
+    """``value`` must be an int (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
+
+
+def check_number(
+    name: str, value: object, low: float, high: float, *, open_low: bool = False
+) -> None:
+    """``value`` must be a finite number (not a bool) in [low, high], or (low, high]."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if ok:
+        ok = (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {name}={value!r}")
+
+
+def check_bounded_number(name: str, value: object, *, low: float, high: float = math.inf) -> float:
+    """``value`` must be a non-NaN number (not a bool, infinities allowed) in [low, high];
+    returns it as a float (Delta's validator and messages)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"{name} must be a number in [{low}, {high}], got {name}={value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must satisfy {low} <= {name} <= {high}, got {name}={value}")
+    return float(value)
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    """``value`` must be one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {name}={value!r}")
+
+
+# ------------------------------------------------------------------------------ files
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` via a temporary file in the same directory, fsync and
+    ``os.replace``, so that readers see the old or the new file, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """:func:`atomic_write_bytes` of pretty JSON."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_config(run_dir: Path, config: _ToDict) -> None:
+    """Write ``config.json`` (``config.to_dict()``) atomically."""
+    atomic_write_json(run_dir / CONFIG_FILE, config.to_dict())
+
+
+def read_config(run_dir: str | os.PathLike[str], from_dict: Callable[[Mapping[str, Any]], T]) -> T:
+    """``from_dict`` of the ``config.json`` of a run directory."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"run_dir must hold a {CONFIG_FILE}, got run_dir={str(run_dir)!r}")
+    return from_dict(json.loads(path.read_text()))
+
+
+def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
+    """Append one JSON line to ``metrics.jsonl`` (flushed and fsynced)."""
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(dict(row), sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All rows of ``metrics.jsonl`` (empty if there is none); a torn last line is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

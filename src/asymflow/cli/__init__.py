@@ -32,7 +32,7 @@ import typer
 from typer.core import TyperGroup
 
 from asymflow import __version__
-from asymflow.cli import account, delta, demo, dpsgd, fl, ledger, public
+from asymflow.cli import account, audit, delta, demo, dpsgd, fl, ledger, public
 from asymflow.cli.common import fail
 
 __all__ = ["app"]
@@ -96,6 +96,10 @@ fl_app = typer.Typer(
     no_args_is_help=True,
 )
 ledger_app = typer.Typer(help="Inspect a run's privacy ledger.", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="Privacy audits: reconstruction from the public view, membership inference, canaries.",
+    no_args_is_help=True,
+)
 public_app = typer.Typer(
     help="Delta's public side on another machine: TLS keys and a token, and the server.",
     no_args_is_help=True,
@@ -109,6 +113,10 @@ delta_app.command("report")(delta.delta_report)
 app.add_typer(dpsgd_app, name="dpsgd")
 dpsgd_app.command("train")(dpsgd.dpsgd_train)
 app.add_typer(fl_app, name="fl")
+app.add_typer(audit_app, name="audit")
+audit_app.command("reconstruct")(audit.audit_reconstruct)
+audit_app.command("membership")(audit.audit_membership)
+audit_app.command("canary")(audit.audit_canary)
 fl_app.command("run")(fl.fl_run)
 fl_app.command("app")(fl.fl_app)
 app.add_typer(account_app, name="account")

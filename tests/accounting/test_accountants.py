@@ -225,3 +225,10 @@ def test_repeated_leaves_merge_into_one_self_composition():
     assert acc.leaves == [(step, 50)]
     direct = PldAccountant().compose(SelfComposed(step, 50)).epsilon(1e-5)
     assert acc.epsilon(1e-5) == pytest.approx(direct, rel=1e-12)
+
+
+def test_joint_step_at_rate_one_is_finite_and_above_its_parts():
+    joint = PoissonSampled(1.0, Composed((Gaussian(1.0), ModelPartitioned(2, Gaussian(1.0)))))
+    eps = RdpAccountant().compose(joint).epsilon(1e-5)
+    assert math.isfinite(eps)
+    assert eps >= RdpAccountant().compose(Gaussian(1.0)).epsilon(1e-5)

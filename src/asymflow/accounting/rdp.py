@@ -72,17 +72,22 @@ def _allocation_rdp(
         gaussian = orders / (2 * sigma**2)
         return gaussian, gaussian
     top = int(np.ceil(orders.max()))
-    log_rem = allocation.remove_log_moments(n, sigma, top)
-    if q < 1:
-        a = np.arange(top + 1)[:, None]
-        ell = np.arange(top + 1)[None, :]
-        log_binom = special.gammaln(a + 1) - special.gammaln(ell + 1) - special.gammaln(a - ell + 1)
-        with np.errstate(invalid="ignore"):
-            terms = log_binom + (a - ell) * math.log1p(-q) + ell * math.log(q) + log_rem[None, :]
-        terms = np.where(ell <= a, terms, -np.inf)
-        log_rem = special.logsumexp(terms, axis=1)
+    remove = _subsampled_log_moments(allocation.remove_log_moments(n, sigma, top), q)
     log_add = allocation.add_log_moments(n, sigma, top, q)
-    return _rdp_from_cumulants(log_rem, orders), _rdp_from_cumulants(log_add, orders)
+    return _rdp_from_cumulants(remove, orders), _rdp_from_cumulants(log_add, orders)
+
+
+def _subsampled_log_moments(log_moments: np.ndarray, q: float) -> np.ndarray:
+    """log E_Q[(1-q+qL)^a], a = 0..A, from log E_Q[L^l] by the binomial expansion (exact)."""
+    if q == 1:
+        return log_moments
+    top = log_moments.size - 1
+    a = np.arange(top + 1)[:, None]
+    ell = np.arange(top + 1)[None, :]
+    log_binom = special.gammaln(a + 1) - special.gammaln(ell + 1) - special.gammaln(a - ell + 1)
+    with np.errstate(invalid="ignore"):
+        terms = log_binom + (a - ell) * math.log1p(-q) + ell * math.log(q) + log_moments[None, :]
+    return special.logsumexp(np.where(ell <= a, terms, -np.inf), axis=1)
 
 
 def _poisson_joint_rdp(
@@ -97,12 +102,7 @@ def _poisson_joint_rdp(
     top = int(np.ceil(orders.max()))
     log_rem = sum(allocation.remove_log_moments(n, s, top) for n, s in parts)
     log_add = sum(allocation.add_log_moments(n, s, top) for n, s in parts)
-    a = np.arange(top + 1)[:, None]
-    ell = np.arange(top + 1)[None, :]
-    log_binom = special.gammaln(a + 1) - special.gammaln(ell + 1) - special.gammaln(a - ell + 1)
-    with np.errstate(invalid="ignore"):
-        terms = log_binom + (a - ell) * math.log1p(-q) + ell * math.log(q) + log_rem[None, :]
-    remove = special.logsumexp(np.where(ell <= a, terms, -np.inf), axis=1)
+    remove = _subsampled_log_moments(log_rem, q)
     add = np.logaddexp(math.log1p(-q), math.log(q) + log_add) if q < 1 else log_add
     add[:2] = 0.0
     return _rdp_from_cumulants(remove, orders), _rdp_from_cumulants(add, orders)

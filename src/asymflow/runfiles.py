@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -31,6 +32,8 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_number",
+    "config_from_dict",
+    "config_to_dict",
     "read_config",
     "read_metrics",
     "write_config",
@@ -105,6 +108,20 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
 def atomic_write_json(path: Path, data: Any) -> None:
     """:func:`atomic_write_bytes` of pretty JSON."""
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON-ready fields of a dataclass config (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def config_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Inverse of :func:`config_to_dict`; unknown keys are refused."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"config keys must be among {cls.__name__} fields, got {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def write_config(run_dir: Path, config: _ToDict) -> None:

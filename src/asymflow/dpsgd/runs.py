@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ from asymflow.runfiles import (
     check_choice,
     check_int,
     check_number,
+    config_from_dict,
+    config_to_dict,
     read_metrics,
 )
 from asymflow.runfiles import read_config as _read_config
@@ -172,20 +174,12 @@ class DpsgdConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (tuples as lists)."""
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, tuple):
-                out[key] = list(value)
-        return out
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DpsgdConfig:
         """Inverse of :meth:`to_dict`; unknown keys are refused."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"config keys must be among DpsgdConfig fields, got {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return config_from_dict(cls, data)
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> DpsgdConfig:

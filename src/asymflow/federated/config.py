@@ -27,7 +27,13 @@ from typing import Any
 
 from asymflow.accounting.best import CERTIFIED_METHODS
 from asymflow.dpsgd.partition import UNITS, PartitionSpec
-from asymflow.runfiles import check_choice, check_int, check_number
+from asymflow.runfiles import (
+    check_choice,
+    check_int,
+    check_number,
+    config_from_dict,
+    config_to_dict,
+)
 
 __all__ = ["MODELS", "SAMPLERS", "SPLITS", "FederatedConfig"]
 
@@ -184,20 +190,12 @@ class FederatedConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (tuples as lists)."""
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, tuple):
-                out[key] = list(value)
-        return out
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FederatedConfig:
         """Inverse of :meth:`to_dict`; unknown keys are refused."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"config keys must be among FederatedConfig fields, got {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return config_from_dict(cls, data)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flower's flat run config: kebab-case keys, scalar values; None is left out and

@@ -31,6 +31,7 @@ __all__ = [
     "check_bounded_number",
     "check_choice",
     "check_int",
+    "check_noise",
     "check_number",
     "config_from_dict",
     "config_to_dict",
@@ -78,6 +79,26 @@ def check_bounded_number(name: str, value: object, *, low: float, high: float = 
     if not low <= value <= high:
         raise ValueError(f"{name} must satisfy {low} <= {name} <= {high}, got {name}={value}")
     return float(value)
+
+
+def check_noise(
+    sigma: float | None, target_epsilon: float | None, delta: float, clip: float
+) -> None:
+    """The DP noise settings of a run: exactly one of sigma (in (0, 1e6]) and target_epsilon
+    (in (0, 1e4]), 0 < delta < 1, clip norm in (0, 1e6]."""
+    if (sigma is None) == (target_epsilon is None):
+        raise ValueError(
+            "exactly one of sigma and target_epsilon must be given, got "
+            f"sigma={sigma!r}, target_epsilon={target_epsilon!r}"
+        )
+    if sigma is not None:
+        check_number("sigma", sigma, 0.0, 1e6, open_low=True)
+    if target_epsilon is not None:
+        check_number("target_epsilon", target_epsilon, 0.0, 1e4, open_low=True)
+    check_number("delta", delta, 0.0, 1.0, open_low=True)
+    if delta >= 1:
+        raise ValueError(f"delta must satisfy 0 < delta < 1, got delta={delta}")
+    check_number("clip", clip, 0.0, 1e6, open_low=True)
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -29,6 +29,7 @@ from asymflow.runfiles import (
     atomic_write_json,
     check_choice,
     check_int,
+    check_noise,
     check_number,
     config_from_dict,
     config_to_dict,
@@ -122,19 +123,7 @@ class DpsgdConfig:
             if self.sampler != "poisson":
                 raise ValueError(f"q applies to sampler 'poisson' only, got sampler={self.sampler}")
         check_int("epochs", self.epochs, 1)
-        if (self.sigma is None) == (self.target_epsilon is None):
-            raise ValueError(
-                "exactly one of sigma and target_epsilon must be given, got "
-                f"sigma={self.sigma!r}, target_epsilon={self.target_epsilon!r}"
-            )
-        if self.sigma is not None:
-            check_number("sigma", self.sigma, 0.0, 1e6, open_low=True)
-        if self.target_epsilon is not None:
-            check_number("target_epsilon", self.target_epsilon, 0.0, 1e4, open_low=True)
-        check_number("delta", self.delta, 0.0, 1.0, open_low=True)
-        if self.delta >= 1:
-            raise ValueError(f"delta must satisfy 0 < delta < 1, got delta={self.delta}")
-        check_number("clip", self.clip, 0.0, 1e6, open_low=True)
+        check_noise(self.sigma, self.target_epsilon, self.delta, self.clip)
         if self.shared_clip is not None:
             check_number("shared_clip", self.shared_clip, 0.0, 1e6, open_low=True)
         PartitionSpec.parse(self.partition)

@@ -30,6 +30,7 @@ from asymflow.dpsgd.partition import UNITS, PartitionSpec
 from asymflow.runfiles import (
     check_choice,
     check_int,
+    check_noise,
     check_number,
     config_from_dict,
     config_to_dict,
@@ -122,19 +123,7 @@ class FederatedConfig:
                 f"supported for federated clients, got subnetwork={self.subnetwork!r}"
             )
         check_choice("partition_unit", self.partition_unit, UNITS)
-        if (self.sigma is None) == (self.target_epsilon is None):
-            raise ValueError(
-                "exactly one of sigma and target_epsilon must be given, got "
-                f"sigma={self.sigma!r}, target_epsilon={self.target_epsilon!r}"
-            )
-        if self.sigma is not None:
-            check_number("sigma", self.sigma, 0.0, 1e6, open_low=True)
-        if self.target_epsilon is not None:
-            check_number("target_epsilon", self.target_epsilon, 0.0, 1e4, open_low=True)
-        check_number("delta", self.delta, 0.0, 1.0, open_low=True)
-        if self.delta >= 1:
-            raise ValueError(f"delta must satisfy 0 < delta < 1, got delta={self.delta}")
-        check_number("clip", self.clip, 0.0, 1e6, open_low=True)
+        check_noise(self.sigma, self.target_epsilon, self.delta, self.clip)
         check_number("server_lr", self.server_lr, 0.0, 100.0, open_low=True)
         check_int("local_epochs", self.local_epochs, 1)
         check_int("batch_size", self.batch_size, 1)

@@ -32,7 +32,13 @@ from asymflow.data import load_data
 from asymflow.delta.labels import NoisyLabels, keep_probability
 from asymflow.delta.private import NO_NOISE, ResidualWeight, calibrated_sigma
 from asymflow.delta.public import LocalPublic
-from asymflow.delta.runs import DeltaConfig, load_checkpoint, read_metrics, release_file
+from asymflow.delta.runs import (
+    DeltaConfig,
+    latest_checkpoint,
+    load_checkpoint,
+    read_metrics,
+    release_file,
+)
 from asymflow.delta.sanitize import SanitizedResidual
 from asymflow.delta.train import build_public_factory, fork_stage1, read_result, train_delta
 from asymflow.report import run_demo
@@ -183,6 +189,9 @@ def test_resume_after_sigkill_never_releases_silently_twice(tmp_path, tiny):
     assert release_file(run_dir, "train").exists()
     before = read_metrics(run_dir)
     assert not (run_dir / "result.json").exists()
+    stage, epoch, _ = latest_checkpoint(run_dir)
+    kept = [m for m in before if (m["stage"], m["epoch"]) <= (stage, epoch)]
+    assert (stage, epoch) >= (2, 1) and kept[-1]["epoch"] == epoch  # its row precedes it
 
     result = train_delta(config, run_dir, progress=False, resume=True)
 
@@ -191,7 +200,7 @@ def test_resume_after_sigkill_never_releases_silently_twice(tmp_path, tiny):
     assert len(_rows(run_dir, "labels")) == 1
     metrics = read_metrics(run_dir)
     assert [(m["stage"], m["epoch"]) for m in metrics] == [(1, 1)] + [(2, e) for e in range(1, 7)]
-    assert metrics[: len(before)] == before  # rows written before the kill are kept as they were
+    assert metrics[: len(kept)] == kept  # rows up to the checkpoint are kept as they were
     assert result.final["test_acc_combined"] is not None
 
 

@@ -582,8 +582,8 @@ class _Run:
             else:
                 row["test_acc_combined"] = _accuracy(self.eval_original(), self.test_labels)
             row["seconds"] = time.perf_counter() - began
+            self.record_metrics(row)  # before the checkpoint: a resume truncates later rows
             self.save(1, epoch, opt, sched)
-            self.record_metrics(row)
             acc = row.get("test_acc_main", row.get("test_acc_combined"))
             self.bars.epoch_done(f"test acc {acc:.3f}")
 
@@ -760,8 +760,8 @@ class _Run:
             else:
                 row["test_acc_combined"] = row["test_acc_public"]
             row["seconds"] = time.perf_counter() - began
+            self.record_metrics(row)  # before the checkpoint: a resume truncates later rows
             self.save(2, epoch, opt, sched)
-            self.record_metrics(row)
             acc = row["test_acc"]
             self.bars.epoch_done("" if acc is None else f"test acc {acc:.3f}")
 

@@ -29,7 +29,8 @@ from asymflow.accounting.events import (
 )
 from asymflow.accounting.ledger import LEDGER_FILENAME, PrivacyLedger
 from asymflow.data import load_data
-from asymflow.delta.labels import NoisyLabels, keep_probability
+from asymflow.delta.label_steps import label_gradient_releases, label_gradient_sigma
+from asymflow.delta.labels import NoisyLabelGradients, NoisyLabels, keep_probability
 from asymflow.delta.private import NO_NOISE, ResidualWeight, calibrated_sigma
 from asymflow.delta.public import LocalPublic
 from asymflow.delta.runs import (
@@ -89,6 +90,25 @@ class RecordingPublic:
         self.inner.load_state_dict(state)
 
 
+class StepwiseRecordingPublic(RecordingPublic):
+    """RecordingPublic that also trains step by step; records every released gradient and
+    checks that the ledger already holds the epoch's label-gradient row."""
+
+    def __init__(self, config: DeltaConfig, run_dir: Path, classes: int = 10) -> None:
+        super().__init__(config, run_dir, classes)
+        self.gradients: list[NoisyLabelGradients] = []
+
+    def step_logits(self, dataset_id: str, indices: np.ndarray, **kwargs: Any) -> torch.Tensor:
+        return self.inner.step_logits(dataset_id, indices, **kwargs)
+
+    def step_apply(self, gradients: Any, **kwargs: Any) -> None:
+        assert isinstance(gradients, NoisyLabelGradients), type(gradients)
+        rows = [r for r in self._ledger_rows() if r.note.startswith("labels (noisy gradients")]
+        assert rows and rows[-1].event == gradients.event
+        self.gradients.append(gradients)
+        self.inner.step_apply(gradients, **kwargs)
+
+
 def _rows(run_dir: Path, note_prefix: str) -> list[Any]:
     with PrivacyLedger(run_dir / LEDGER_FILENAME) as ledger:
         return [e for e in ledger.entries() if e.note.startswith(note_prefix)]
@@ -130,6 +150,37 @@ def test_clear_labels_are_sent_only_when_asked_and_make_epsilon_infinite(tmp_pat
     (row,) = _rows(run_dir, "labels")
     assert row.event == NonPrivate("labels sent in clear")
     assert math.isinf(result.epsilon)
+
+
+def test_grad_labels_leave_only_as_noisy_gradients_accounted_per_epoch(tmp_path, tiny):
+    config = tiny(labels="grad", epochs_stage2=2, public_folds=2, label_epsilon=1.0)
+    run_dir = tmp_path / "run"
+    double = StepwiseRecordingPublic(config, run_dir)
+    result = train_delta(config, run_dir, progress=False, public=double)
+    assert double.received and all(labels is None for _, labels in double.received)
+    assert not double.trained  # no self-training on labels: every step is a round trip
+    # 2 stage-2 epochs x 2 fold models x ceil(80 / 32) batches; every row of the fold's data
+    assert len(double.gradients) == 2 * 2 * 3
+    assert sum(len(g) for g in double.gradients) == 2 * 160
+    rows = _rows(run_dir, "labels")
+    sigma = label_gradient_sigma(1.0, config.delta, label_gradient_releases(2, 1, 2))
+    assert [(r.note, r.event, r.count) for r in rows] == [
+        (f"labels (noisy gradients, epoch {e})", Gaussian(sigma), 1) for e in (1, 2)
+    ]
+    labels_only = Composed(tuple(SelfComposed(r.event, r.count) for r in rows))
+    assert best_epsilon(labels_only, config.delta).epsilon <= 1.0
+    # what crosses is far from the clean one-hot signal: the noise is sqrt(2) sigma per entry
+    spread = np.concatenate([g.values for g in double.gradients]).std()
+    assert spread > 0.9 * math.sqrt(2) * sigma > 1.0
+    assert math.isfinite(result.epsilon) and result.final["test_acc_combined"] is not None
+
+
+def test_grad_labels_need_a_stepwise_public_side_and_release_nothing_without_one(tmp_path, tiny):
+    config = tiny(labels="grad")
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match="labels='grad' needs a public side"):
+        train_delta(config, run_dir, progress=False, public=RecordingPublic(config, run_dir))
+    assert not _rows(run_dir, "residual") and not _rows(run_dir, "labels")
 
 
 def test_ledger_epsilon_is_the_gaussian_and_randomized_response_composition(tmp_path, tiny):

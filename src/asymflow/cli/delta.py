@@ -291,8 +291,9 @@ def delta_train(
     labels: Annotated[
         str | None,
         typer.Option(
-            metavar="[rr|clear]",
-            help="How labels reach the public side: rr (randomized response, accounted) or "
+            metavar="[rr|grad|clear]",
+            help="How labels reach the public side: rr (randomized response, once), grad "
+            "(noisy per-step gradients softmax(z_res)-y, in-process public side only), or "
             "clear (a non-private release). \\[default: rr]",
             rich_help_panel=PRIVACY,
         ),
@@ -300,7 +301,8 @@ def delta_train(
     label_epsilon: Annotated[
         float | None,
         typer.Option(
-            help="ε of randomized response on the labels, finite > 0. \\[default: 2.0]",
+            help="ε of the labels (rr, or all noisy gradients of a record), finite > 0. "
+            "\\[default: 2.0]",
             rich_help_panel=PRIVACY,
         ),
     ] = None,

@@ -7,6 +7,15 @@ kept with probability p = e^eps / (e^eps + K - 1) and otherwise replaced by one 
 K - 1 classes uniformly, which is eps-DP per label. The public side can then train M_res on
 its own. ``labels="clear"`` sends the true labels and records a ``NonPrivate`` event, so the
 ledger reports epsilon = inf.
+
+The other option keeps the paper's per-step protocol but noises it: for each row of a public
+batch the private side returns g~ = softmax(z_res) - e_y + N(0, 2 sigma^2 I_K). Given z_res
+(computed by the public side from public data), g~ depends on the record only through e_y,
+and ||e_y - e_y'||_2 = sqrt(2) bounds its change when a label is replaced (a removed record,
+zero-out style as for the residuals, changes it by ||e_y|| = 1), so each row released is the
+Gaussian mechanism with noise multiplier sigma (Dwork & Roth 2014, Thm A.1; Balle & Wang 2018
+for the exact epsilon). The rows of one step belong to different records, and a record's
+rows over the epochs compose adaptively.
 """
 
 from __future__ import annotations
@@ -16,9 +25,11 @@ import secrets
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import Tensor
+from torch.nn import functional
 
-from asymflow.accounting.events import Event, NonPrivate, RandomizedResponse
+from asymflow.accounting.events import Event, Gaussian, NonPrivate, RandomizedResponse
 from asymflow.accounting.ledger import PrivacyLedger
 
 CLEAR_LABELS = "labels sent in clear"
@@ -135,3 +146,51 @@ def release_labels(
         )
         return clear_labels(true, classes), row
     raise ValueError(f"mode must be one of ('rr', 'clear'), got mode={mode!r}")
+
+
+LABEL_GRADIENT_SENSITIVITY = math.sqrt(2.0)
+"""L2 sensitivity of softmax(z) - e_y to the label: ||e_y - e_y'||_2 = sqrt(2)."""
+
+
+@dataclass(frozen=True)
+class NoisyLabelGradients:
+    """d CE / d z_res for a batch of public rows, as released: float32 (B, K) values of
+    softmax(z_res) - e_y + N(0, (sqrt(2) sigma)^2 I), and the per-row event Gaussian(sigma)."""
+
+    values: np.ndarray
+    event: Gaussian
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.values, np.ndarray) or self.values.dtype != np.float32:
+            raise TypeError("values must be a float32 numpy array")
+        if self.values.ndim != 2 or self.values.shape[1] < 2:
+            shape = self.values.shape
+            raise ValueError(f"values must have shape (rows, classes >= 2), got {shape}")
+        if not np.isfinite(self.values).all():
+            raise ValueError("values must be finite")
+        if not isinstance(self.event, Gaussian):
+            raise TypeError(f"event must be Gaussian, got {type(self.event).__name__}")
+        self.values.setflags(write=False)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def noisy_label_gradients(
+    logits: Tensor, labels: np.ndarray | Tensor, sigma: float, generator: torch.Generator
+) -> NoisyLabelGradients:
+    """g~ = softmax(z) - e_y + N(0, (sqrt(2) sigma)^2 I) per row: the Gaussian mechanism on the
+    label with sensitivity sqrt(2) (module docstring). The mechanism only; the caller records
+    its event in the ledger before handing the result on."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0, got sigma={sigma}")
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape (rows, classes), got {tuple(logits.shape)}")
+    rows, classes = logits.shape
+    true = torch.from_numpy(_as_labels(labels, classes))
+    if len(true) != rows:
+        raise ValueError(f"labels must have one entry per logit row ({rows}), got {len(true)}")
+    g = torch.softmax(logits.detach().double(), 1) - functional.one_hot(true, classes).double()
+    noise = torch.randn(g.shape, generator=generator, dtype=torch.float64)
+    g = g + noise * (LABEL_GRADIENT_SENSITIVITY * sigma)
+    return NoisyLabelGradients(g.float().numpy(), Gaussian(float(sigma)))

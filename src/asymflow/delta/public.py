@@ -23,7 +23,7 @@ from torch.nn import functional
 
 from asymflow.accounting.events import RandomizedResponse
 from asymflow.data.dataset import augment_batch
-from asymflow.delta.labels import NoisyLabels, keep_probability
+from asymflow.delta.labels import NoisyLabelGradients, NoisyLabels, keep_probability
 from asymflow.delta.sanitize import SanitizedResidual
 
 DEFAULT_MODEL = "res"
@@ -70,6 +70,30 @@ class PublicSide(Protocol):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output."""
+        ...
+
+
+@runtime_checkable
+class StepwisePublicSide(PublicSide, Protocol):
+    """A public side that can also train step by step on released label gradients
+    (``labels="grad"``): per batch, :meth:`step_logits` returns z_res and the private side
+    answers with noisy dL/dz_res for :meth:`step_apply`."""
+
+    def step_logits(
+        self,
+        dataset_id: str,
+        indices: np.ndarray,
+        *,
+        lr: float,
+        seed: int,
+        step: int,
+        model: str = DEFAULT_MODEL,
+    ) -> Tensor:
+        """z_res (B, classes) of the rows ``indices`` of an uploaded data set, in training mode."""
+        ...
+
+    def step_apply(self, gradients: NoisyLabelGradients, *, model: str = DEFAULT_MODEL) -> None:
+        """One optimizer step of ``model`` along the released gradients of its pending batch."""
         ...
 
 
@@ -124,12 +148,15 @@ def rr_log_transition(epsilon: float, classes: int) -> Tensor:
     return t.log()
 
 
-def forward_corrected_loss(logits: Tensor, noisy: Tensor, log_t: Tensor) -> Tensor:
+def forward_corrected_loss(
+    logits: Tensor, noisy: Tensor, log_t: Tensor, *, reduction: str = "mean"
+) -> Tensor:
     """-log sum_i softmax(z)_i T[i, noisy]: cross-entropy of the noisy label under the known
     noise channel T (forward correction, Patrini et al., CVPR 2017, Thm 2); softmax(z) then
-    estimates the clean posterior. Post-processing of the label-DP release: no privacy cost."""
+    estimates the clean posterior. Post-processing of the label-DP release: no privacy cost.
+    ``reduction`` is that of :func:`torch.nn.functional.nll_loss`."""
     log_q = torch.logsumexp(functional.log_softmax(logits, 1)[:, :, None] + log_t[None], dim=1)
-    return functional.nll_loss(log_q, noisy)
+    return functional.nll_loss(log_q, noisy, reduction=reduction)
 
 
 @dataclass(frozen=True)
@@ -175,6 +202,7 @@ class LocalPublic:
         self.models: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.SGD] = {}
         self._datasets: dict[str, _Stored] = {}
+        self._pending: dict[str, Tensor] = {}  # step_logits output awaiting step_apply
 
     def model(self, name: str = DEFAULT_MODEL) -> nn.Module:
         """The model ``name``, created on first use."""
@@ -208,19 +236,16 @@ class LocalPublic:
         """Drop an uploaded data set (e.g. the residuals of an earlier per-epoch release)."""
         self._datasets.pop(dataset_id, None)
 
-    def train(
+    def training_rows(
         self,
         dataset_id: str,
         epochs: int,
         *,
         batch_size: int,
         lr: float,
-        seed: int,
-        start_epoch: int = 0,
-        total_epochs: int | None = None,
-        model: str = DEFAULT_MODEL,
         indices: np.ndarray | None = None,
-    ) -> dict[str, float]:
+    ) -> np.ndarray:
+        """The rows :meth:`train` would use, or ``ValueError`` for arguments it refuses."""
         data, labels = self.dataset(dataset_id)
         if labels is None:
             raise ValueError(f"dataset_id must name a labelled data set, got {dataset_id!r}")
@@ -237,14 +262,68 @@ class LocalPublic:
             raise ValueError(
                 f"indices must lie in [0, {len(data)}), got [{rows.min()}, {rows.max()}]"
             )
+        return rows
+
+    def train(
+        self,
+        dataset_id: str,
+        epochs: int,
+        *,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        start_epoch: int = 0,
+        total_epochs: int | None = None,
+        model: str = DEFAULT_MODEL,
+        indices: np.ndarray | None = None,
+    ) -> dict[str, float]:
+        return self.train_shard(
+            dataset_id,
+            epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            start_epoch=start_epoch,
+            total_epochs=total_epochs,
+            model=model,
+            indices=indices,
+            shard=(0, 1),
+        )
+
+    def train_shard(
+        self,
+        dataset_id: str,
+        epochs: int,
+        *,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        start_epoch: int,
+        total_epochs: int | None,
+        model: str,
+        indices: np.ndarray | None,
+        shard: tuple[int, int],
+    ) -> dict[str, float]:
+        """:meth:`train` as process ``rank`` of ``world`` (``shard``) in a DDP job
+        (:mod:`asymflow.transport.ddp`). Every process draws each batch and its crops as one
+        process would, keeps rows ``rank::world`` and scales its summed loss by
+        world/|batch|: DDP's average of the gradients over the world is then the gradient of
+        the whole batch's mean loss, also for a short last batch. Metrics are this shard's."""
+        rows = self.training_rows(dataset_id, epochs, batch_size=batch_size, lr=lr, indices=indices)
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+        data, labels = self.dataset(dataset_id)
+        assert labels is not None  # training_rows refuses unlabelled data sets
         net = self.model(model)
         optimizer = self.optimizers[model]
+        device = next(net.parameters()).device
         total = start_epoch + epochs if total_epochs is None else total_epochs
         steps = math.ceil(len(rows) / batch_size)
         targets = torch.from_numpy(np.array(labels.labels, dtype=np.int64))
         log_t = None
         if self.correct_label_noise and isinstance(labels.event, RandomizedResponse):
-            log_t = rr_log_transition(labels.event.epsilon, labels.classes)
+            log_t = rr_log_transition(labels.event.epsilon, labels.classes).to(device)
         padding = max(1, data.shape[1] // 8)
         net.train()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -253,23 +332,29 @@ class LocalPublic:
             order = rows[torch.randperm(len(rows), generator=gen).numpy()]
             for i in range(steps):
                 idx = order[i * batch_size : (i + 1) * batch_size]
-                x = data.subset(idx).unpack()
-                if self.augment:
-                    x = augment_batch(x, gen, padding=padding, flip=self.flip)
-                y = targets[idx]
+                mine = idx[rank::world]
+                if self.augment:  # crop the whole batch: the same draws as in one process
+                    batch = augment_batch(
+                        data.subset(idx).unpack(), gen, padding=padding, flip=self.flip
+                    )
+                    x = batch[rank::world]
+                else:
+                    x = data.subset(mine).unpack()
+                x, y = x.to(device), targets[mine].to(device)
                 for group in optimizer.param_groups:
                     group["lr"] = cosine_lr(lr, epoch * steps + i, total * steps)
                 z = net(x)
                 if log_t is None:
-                    loss = functional.cross_entropy(z, y)
+                    summed = functional.cross_entropy(z, y, reduction="sum")
                 else:
-                    loss = forward_corrected_loss(z, y, log_t)
+                    summed = forward_corrected_loss(z, y, log_t, reduction="sum")
+                loss = summed * world / len(idx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_sum += float(loss.detach()) * len(idx)
+                loss_sum += float(summed.detach())
                 correct += int((z.argmax(1) == y).sum())
-                seen += len(idx)
+                seen += len(mine)
         return {
             "loss": loss_sum / max(seen, 1),
             "acc_on_received_labels": correct / max(seen, 1),
@@ -299,3 +384,62 @@ class LocalPublic:
         for name, weights in state["models"].items():
             self.model(name).load_state_dict(weights)
             self.optimizers[name].load_state_dict(state["optimizers"][name])
+
+    def step_logits(
+        self,
+        dataset_id: str,
+        indices: np.ndarray,
+        *,
+        lr: float,
+        seed: int,
+        step: int,
+        model: str = DEFAULT_MODEL,
+    ) -> Tensor:
+        """z_res of rows ``indices`` in training mode (augmented with the seed of ``step``),
+        kept with its graph until :meth:`step_apply`; the next optimizer step uses ``lr``."""
+        data, _ = self.dataset(dataset_id)
+        rows = checked_rows(indices, len(data))
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got lr={lr}")
+        net = self.model(model)
+        x = data.subset(rows).unpack()
+        if self.augment:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            x = augment_batch(x, gen, padding=max(1, data.shape[1] // 8), flip=self.flip)
+        for group in self.optimizers[model].param_groups:
+            group["lr"] = lr
+        net.train()
+        z = net(x)
+        self._pending[model] = z
+        return z.detach().clone()
+
+    def step_apply(self, gradients: NoisyLabelGradients, *, model: str = DEFAULT_MODEL) -> None:
+        """One SGD step of ``model`` along the released dL/dz_res of its pending batch:
+        backpropagate sum_i <z_i, g~_i> / B, whose gradient is the mean of g~_i dz_i/dtheta."""
+        if not isinstance(gradients, NoisyLabelGradients):
+            raise TypeError(
+                f"gradients must be NoisyLabelGradients, got {type(gradients).__name__}"
+            )
+        z = self._pending.pop(model, None)
+        if z is None:
+            raise ValueError(f"model {model!r} has no pending step: call step_logits first")
+        if tuple(gradients.values.shape) != tuple(z.shape):
+            raise ValueError(
+                f"gradients must have the shape of the pending logits {tuple(z.shape)}, "
+                f"got {gradients.values.shape}"
+            )
+        g = torch.from_numpy(np.array(gradients.values))
+        optimizer = self.optimizers[model]
+        optimizer.zero_grad(set_to_none=True)
+        ((z * g).sum() / len(z)).backward()
+        optimizer.step()
+
+
+def checked_rows(indices: np.ndarray, n: int) -> np.ndarray:
+    """``indices`` as a non-empty 1-D integer array of rows in [0, n), or ``ValueError``."""
+    rows = np.asarray(indices)
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
+        raise ValueError("indices must be a non-empty 1-D integer array")
+    if rows.min() < 0 or rows.max() >= n:
+        raise ValueError(f"indices must lie in [0, {n}), got [{rows.min()}, {rows.max()}]")
+    return rows

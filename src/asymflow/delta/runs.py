@@ -79,7 +79,7 @@ PREVIEW_FILE = "preview.npz"
 CKPT_DIR = "ckpt"
 
 VARIANTS: tuple[str, ...] = ("delta", "original", "main-only", "naive-dp")
-LABEL_MODES: tuple[str, ...] = ("rr", "clear")
+LABEL_MODES: tuple[str, ...] = ("rr", "grad", "clear")
 RELEASE_MODES: tuple[str, ...] = ("once", "per-epoch")
 
 _CKPT_NAME = re.compile(r"^stage([12])_epoch(\d+)\.pt$")
@@ -96,7 +96,10 @@ class DeltaConfig:
 
     ``epsilon`` is the target epsilon of the residual release(s) at ``delta`` (``math.inf``:
     sign bits of the raw residual, no noise, recorded as a non-private release);
-    ``label_epsilon`` is the randomized-response epsilon of the labels (``labels="rr"``).
+    ``label_epsilon`` is the epsilon of the labels at ``delta``: of randomized response
+    (``labels="rr"``, once), or of all of a record's noisy label gradients over the run
+    (``labels="grad"``: M_res learns from softmax(z_res) - y + Gaussian noise, one round trip
+    per step); ``labels="clear"`` sends them without noise (epsilon = inf).
     ``augment`` is a random crop with black padding (and a mirror if ``flip``: off by default,
     digits are not mirror-symmetric); ``public_augment`` crops the public side's bit maps too
     (off by default: with few epochs and noisy labels it slows M_res down).

@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import secrets
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -50,9 +51,15 @@ from rich.progress import (
 from torch import Tensor, nn
 from torch.nn import functional
 
-from asymflow.accounting.events import event_from_dict
+from asymflow.accounting.events import Gaussian, event_from_dict
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.data import ImageData, TensorImageDataset, augment_batch, load_data, load_digits
+from asymflow.delta.label_steps import (
+    check_stepwise,
+    label_gradient_releases,
+    label_gradient_sigma,
+    train_on_label_gradients,
+)
 from asymflow.delta.labels import NoisyLabels, release_labels
 from asymflow.delta.private import (
     PrivateModel,
@@ -689,10 +696,12 @@ class _Run:
         if state is not None and state["stage"] == 2:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+        if c.releases_residual and c.labels == "grad":
+            check_stepwise(self.public)  # before anything is released
         labels: NoisyLabels | None = None
         test_payload: SanitizedResidual | None = None
         if c.releases_residual:
-            labels = self.noisy_labels()
+            labels = None if c.labels == "grad" else self.noisy_labels()
             test_payload = self.residuals("test", self.test, dataset=f"{c.data}/test", scope="eval")
         self.bars.stage("stage 2 (private + public)", c.epochs_stage2, start - 1)
         uploaded: str | None = None
@@ -702,7 +711,7 @@ class _Run:
             row["global_epoch"] = c.epochs_stage1 + epoch
             z_train: Tensor | None = None
             z_test: Tensor | None = None
-            if self.public is not None and labels is not None and test_payload is not None:
+            if self.public is not None and test_payload is not None:
                 name = "train" if c.release == "once" else f"train_epoch{epoch}"
                 payload = self.residuals(name, self.train_plain, dataset=c.data, scope="train")
                 spent = [k for k in self.release_refs if k.startswith("train_epoch") and k != name]
@@ -720,26 +729,28 @@ class _Run:
                     self.public.forget(uploaded)
                 uploaded = dataset_id
                 folds = self.folds(len(models))
-                pub_metrics = []
-                for k, model_name in enumerate(models):
-                    pub_metrics.append(
-                        self.public.train(
-                            dataset_id,
-                            c.public_epochs,
-                            batch_size=c.batch_size,
-                            lr=c.public_lr,
-                            seed=c.seed + k,
-                            start_epoch=(epoch - 1) * c.public_epochs,
-                            total_epochs=c.epochs_stage2 * c.public_epochs,
-                            model=model_name,
-                            indices=None if len(models) == 1 else np.flatnonzero(folds != k),
+                if labels is None:
+                    pub_metrics = self.train_public_on_label_gradients(dataset_id, epoch, folds)
+                else:
+                    pub_metrics = []
+                    for k, model_name in enumerate(models):
+                        pub_metrics.append(
+                            self.public.train(
+                                dataset_id,
+                                c.public_epochs,
+                                batch_size=c.batch_size,
+                                lr=c.public_lr,
+                                seed=c.seed + k,
+                                start_epoch=(epoch - 1) * c.public_epochs,
+                                total_epochs=c.epochs_stage2 * c.public_epochs,
+                                model=model_name,
+                                indices=None if len(models) == 1 else np.flatnonzero(folds != k),
+                            )
                         )
-                    )
-                    self.bars.batch()
+                        self.bars.batch()
                 row["public_train_loss"] = _mean_of(pub_metrics, "loss")
-                row["public_acc_on_received_labels"] = _mean_of(
-                    pub_metrics, "acc_on_received_labels"
-                )
+                for key in ("acc_on_received_labels", "acc_on_true_labels"):
+                    row[f"public_{key}"] = _mean_of(pub_metrics, key)
                 z_test = ensemble_logits(self.public, test_payload, models)
                 if c.variant == "delta":  # post-processing of the release, no new release
                     z_train = self.out_of_fold_logits(payload, models, folds)
@@ -764,6 +775,56 @@ class _Run:
             self.save(2, epoch, opt, sched)
             acc = row["test_acc"]
             self.bars.epoch_done("" if acc is None else f"test acc {acc:.3f}")
+
+    def label_gradient_sigma(self) -> float:
+        """Noise multiplier of the label gradients: all of a record's releases over the run
+        (``label_gradient_releases``) cost at most (label_epsilon, delta)."""
+        c = self.config
+        releases = label_gradient_releases(
+            max(1, c.epochs_stage2), c.public_epochs, len(c.public_models)
+        )
+        return label_gradient_sigma(c.label_epsilon, c.delta, releases)
+
+    def train_public_on_label_gradients(
+        self, dataset_id: str, epoch: int, folds: np.ndarray
+    ) -> list[dict[str, float]]:
+        """One stage-2 epoch of every public model on noisy label gradients; the epoch's
+        releases are one ledger row, recorded first (a redone epoch records a new one)."""
+        c = self.config
+        public = check_stepwise(self.public)
+        models = c.public_models
+        sigma = self.label_gradient_sigma()
+        row = self.ledger.record(
+            Gaussian(sigma),
+            dataset=c.data,
+            scope="train",
+            count=label_gradient_releases(1, c.public_epochs, len(models)),
+            note=f"labels (noisy gradients, epoch {epoch})",
+        )
+        seed = _noise_seed(c, f"label_gradients_epoch{epoch}")
+        noise = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+        out = []
+        for k, name in enumerate(models):
+            out.append(
+                train_on_label_gradients(
+                    public,
+                    dataset_id,
+                    self.data.train.labels,
+                    sigma=sigma,
+                    noise=noise,
+                    epochs=c.public_epochs,
+                    batch_size=c.batch_size,
+                    lr=c.public_lr,
+                    seed=c.seed + k,
+                    start_epoch=(epoch - 1) * c.public_epochs,
+                    total_epochs=c.epochs_stage2 * c.public_epochs,
+                    model=name,
+                    indices=None if len(models) == 1 else np.flatnonzero(folds != k),
+                )
+            )
+            self.bars.batch()
+        self.ledger.mark_released(row)
+        return out
 
     def folds(self, k: int) -> np.ndarray:
         """Cross-fitting fold of every training row: a seeded, balanced assignment."""

@@ -87,6 +87,7 @@ def test_serve_refuses_to_start_unprotected_or_misconfigured(keys: KeyFiles) -> 
         (["--token-file", token, "--cert", key, "--key", key], "--cert must be a PEM cert"),
         (["--token-file", token, "--cert", cert, "--key", token], "--key must be"),
         (["--insecure-local", "--max-message-mb", "4096"], "--max-message-mb"),
+        (["--insecure-local", "--nproc-per-node", "0"], "--nproc-per-node"),
     ]
     for args, name in cases:
         assert_clean_error(invoke(["public", "serve", *args]), name)

@@ -84,6 +84,7 @@ SERVE_OPTIONS = {
     "max_concurrent_rpcs": "--max-concurrent",
     "workers": "--workers",
     "threads": "--threads",
+    "nproc_per_node": "--nproc-per-node",
 }
 """Parameters of :func:`serve` -> the options that set them."""
 
@@ -219,6 +220,15 @@ def public_serve(
     ] = 16,
     workers: Annotated[int, typer.Option(help="Threads answering calls, >= 1.")] = 4,
     threads: Annotated[int, typer.Option(help="torch threads, >= 1.")] = 1,
+    nproc_per_node: Annotated[
+        int,
+        typer.Option(
+            "--nproc-per-node",
+            metavar="N",
+            help="Train the public models with DDP over N processes on this machine, started "
+            "by torchrun (one CUDA device each if there are N, else CPU); 1 trains in process.",
+        ),
+    ] = 1,
     log_level: Annotated[
         str, typer.Option(metavar="[DEBUG|INFO|WARNING|ERROR]", help="Log level (stderr).")
     ] = "INFO",
@@ -240,6 +250,7 @@ def public_serve(
         check_min_int("--max-concurrent", max_concurrent, 1)
         check_min_int("--workers", workers, 1)
         check_min_int("--threads", threads, 1)
+        check_min_int("--nproc-per-node", nproc_per_node, 1)
         logging.basicConfig(
             level=getattr(logging, log_level),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -266,6 +277,7 @@ def public_serve(
                     max_concurrent_rpcs=max_concurrent,
                     workers=workers,
                     threads=threads,
+                    nproc_per_node=nproc_per_node,
                 )
             except OSError as exc:
                 if "could not listen" not in str(exc):

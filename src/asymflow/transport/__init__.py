@@ -4,6 +4,7 @@
 - :mod:`~asymflow.transport.spec`: the public model both sides agree on;
 - :mod:`~asymflow.transport.auth`: bearer token, TLS, :func:`keygen`;
 - :mod:`~asymflow.transport.server`: :func:`serve`, the public server process;
+- :mod:`~asymflow.transport.ddp`: the public server's training as a torchrun DDP job;
 - :mod:`~asymflow.transport.client`: :class:`RemotePublic`, a ``PublicSide`` over gRPC.
 """
 

@@ -11,6 +11,8 @@ refused request (DESIGN.md sec. 5):
   data held, or more concurrent calls than ``max_concurrent_rpcs`` (gRPC's bounded queue);
 - NOT_FOUND: an unknown session or data set; the trailing metadata ``asymflow-missing``
   says which, so the client can configure or upload again.
+- INTERNAL: a training job over several processes (``nproc_per_node`` > 1) that failed;
+  the model keeps its state.
 
 Uploads, training and state loads carry request ids: a repeated request returns the stored
 reply instead of running again. The server is stateless apart from its models; with
@@ -56,6 +58,7 @@ from asymflow.transport.auth import (
     server_credentials,
     split_address,
 )
+from asymflow.transport.ddp import DistributedPublic, DistributedTrainingError
 from asymflow.transport.spec import PublicSpec
 
 log = logging.getLogger("asymflow.transport.server")
@@ -213,7 +216,8 @@ class Snapshot(wire.Message):
 class PublicService:
     """The server's logic, independent of gRPC: ``handle(method, request_bytes)`` returns
     the reply bytes or raises :class:`RefusedError` / :class:`wire.WireError`. Thread-safe: one
-    lock serializes the calls that touch models or data."""
+    lock serializes the calls that touch models or data. With ``nproc_per_node`` > 1 every
+    training call is a DDP job of that many processes (:class:`DistributedPublic`)."""
 
     def __init__(
         self,
@@ -223,12 +227,14 @@ class PublicService:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
         threads: int = 1,
+        nproc_per_node: int = 1,
     ) -> None:
         for name, value, low in (
             ("max_message_bytes", max_message_bytes, 1024),
             ("max_sessions", max_sessions, 1),
             ("max_held_bytes", max_held_bytes, 0),
             ("threads", threads, 1),
+            ("nproc_per_node", nproc_per_node, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
@@ -236,6 +242,7 @@ class PublicService:
         self.max_sessions = max_sessions
         self.max_held_bytes = max_held_bytes
         self.threads = threads
+        self.nproc_per_node = nproc_per_node
         self.state_dir = None if state_dir is None else Path(state_dir)
         self.sessions: OrderedDict[str, _Session] = OrderedDict()
         self.counters: dict[str, int] = {}
@@ -286,6 +293,12 @@ class PublicService:
                 f"got {data.shape}"
             )
 
+    def _make_public(self, spec: PublicSpec) -> LocalPublic:
+        """A session's public side: in process, or training with DDP over several processes."""
+        if self.nproc_per_node == 1:
+            return spec.make_public()
+        return DistributedPublic(spec, nproc_per_node=self.nproc_per_node)
+
     # -------------------------------------------------------------- persistence
 
     def _snapshot_path(self, session_id: str) -> Path:
@@ -330,7 +343,7 @@ class PublicService:
         for path in files[-self.max_sessions :]:
             try:
                 snap = wire.decode(path.read_bytes(), Snapshot)
-                public = snap.spec.make_public()
+                public = self._make_public(snap.spec)
                 if snap.models:
                     public.load_state_dict(
                         {
@@ -399,7 +412,7 @@ class PublicService:
                 self.sessions.move_to_end(req.session)
                 return wire.encode(wire.ConfigureReply(req.session, created=False))
             torch.set_num_threads(self.threads)
-            session = _Session(req.session, req.spec, req.spec.make_public())
+            session = _Session(req.session, req.spec, self._make_public(req.spec))
             self._persist(session)
             while len(self.sessions) >= self.max_sessions:
                 old_id, _ = self.sessions.popitem(last=False)
@@ -541,6 +554,13 @@ class PublicService:
             except ValueError as err:  # arguments LocalPublic refuses
                 _restore(public, req.model, before)
                 raise _invalid(str(err)) from None
+            except DistributedTrainingError as err:
+                _restore(public, req.model, before)
+                log.error("rpc=Train distributed training failed: %s\n%s", err, err.output)
+                raise RefusedError(
+                    grpc.StatusCode.INTERNAL,
+                    f"training failed on the server, the model is unchanged: {err}",
+                ) from None
             except BaseException:
                 _restore(public, req.model, before)
                 raise
@@ -733,6 +753,7 @@ def serve(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
     threads: int = 1,
+    nproc_per_node: int = 1,
 ) -> PublicServer:
     """Start a public server on ``listen`` (``HOST:PORT``; port 0 picks a free one).
 
@@ -741,6 +762,7 @@ def serve(
     address. ``max_message_bytes`` caps each request (gRPC answers RESOURCE_EXHAUSTED above
     it); at most ``max_concurrent_rpcs`` calls run or wait at once (the rest are refused
     with RESOURCE_EXHAUSTED) on ``workers`` threads; ``threads`` is torch's thread count.
+    With ``nproc_per_node`` > 1 training runs as a torchrun DDP job of that many processes.
     """
     host, port = split_address(listen)
     if (cert is None) != (key is None):
@@ -768,6 +790,7 @@ def serve(
         max_sessions=max_sessions,
         max_held_bytes=max_held_bytes,
         threads=threads,
+        nproc_per_node=nproc_per_node,
     )
     interceptors = []
     if token is not None:
@@ -837,6 +860,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS)
     p.add_argument("--max-held-bytes", type=int, default=DEFAULT_MAX_HELD_BYTES)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument(
+        "--nproc-per-node", type=int, default=1, help="train with DDP over N processes (torchrun)"
+    )
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
@@ -862,6 +888,7 @@ def run(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         max_held_bytes=args.max_held_bytes,
         threads=args.threads,
+        nproc_per_node=args.nproc_per_node,
     )
     stop = threading.Event()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from asymflow.accounting.events import Gaussian, RandomizedResponse
-from asymflow.delta.labels import NoisyLabels
+from asymflow.delta.labels import NoisyLabelGradients, NoisyLabels
 from asymflow.delta.public import dataset_id
 from asymflow.delta.sanitize import SanitizedResidual
 from asymflow.transport import wire
@@ -251,3 +251,38 @@ def test_empty_payloads_are_refused():
     with pytest.raises(RefusedError, match="at least one sample"):
         service.logits(wire.encode(wire.LogitsRequest(SESSION, data)))
     assert not service.sessions[SESSION].pending
+
+
+def step_bytes(key: str, request: int, rows: np.ndarray) -> bytes:
+    message = wire.StepLogitsRequest(SESSION, ids(request), key, 0.1, 0, 0, "res", rows)
+    return wire.encode(message)
+
+
+def apply_bytes(request: int, rows: int, classes: int = 3) -> bytes:
+    values = np.linspace(-1, 1, rows * classes, dtype=np.float32).reshape(rows, classes)
+    gradients = NoisyLabelGradients(values, Gaussian(2.0))
+    return wire.encode(wire.StepApplyRequest(SESSION, ids(request), "res", gradients))
+
+
+def test_a_step_needs_its_logits_fits_their_shape_and_is_applied_once():
+    service = configured()
+    data, _ = payload()
+    key = upload(service, data, None)
+    assert key is not None
+    with pytest.raises(RefusedError, match="no pending step") as refused:
+        service.step_apply(apply_bytes(20, 4))
+    assert refused.value.missing == "step"
+    first = service.step_logits(step_bytes(key, 21, np.arange(4)))
+    assert service.step_logits(step_bytes(key, 21, np.arange(4))) == first  # replayed
+    assert wire.decode(first, wire.LogitsReply).logits.shape == (4, 3)
+    before = weights(service)
+    with pytest.raises(RefusedError, match=r"shape of the pending logits \(4, 3\)"):
+        service.step_apply(apply_bytes(22, 5))
+    assert same(weights(service), before)  # refused: nothing changed, the step still pends
+    reply = service.step_apply(apply_bytes(23, 4))
+    after = weights(service)
+    assert not same(after, before)
+    assert service.step_apply(apply_bytes(23, 4)) == reply  # a retry is not a second step
+    assert same(weights(service), after)
+    with pytest.raises(RefusedError, match="indices must lie in"):
+        service.step_logits(step_bytes(key, 24, np.array([0, 24])))

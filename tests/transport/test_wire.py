@@ -21,7 +21,7 @@ from asymflow.accounting.events import (
     RandomizedResponse,
     SelfComposed,
 )
-from asymflow.delta.labels import NoisyLabels
+from asymflow.delta.labels import NoisyLabelGradients, NoisyLabels
 from asymflow.delta.sanitize import WIRE_VERSION, SanitizedResidual
 from asymflow.transport import wire
 from asymflow.transport.spec import PublicSpec
@@ -37,6 +37,11 @@ def residual(
     rng = np.random.default_rng(seed)
     bits = np.packbits(rng.random((n, math.prod(shape))) > 0.5, axis=1)
     return SanitizedResidual(bits, shape, Gaussian(1.25))
+
+
+def gradients(n: int = 4, classes: int = 3) -> NoisyLabelGradients:
+    values = np.linspace(-2, 2, n * classes, dtype=np.float32).reshape(n, classes)
+    return NoisyLabelGradients(values, Gaussian(3.5))
 
 
 def labels(n: int = 6, classes: int = 4) -> NoisyLabels:
@@ -227,6 +232,33 @@ def test_state_trees_refuse_unknown_tags_and_repeated_keys():
             wire.decode(raw, wire.StateReply)
 
 
+def test_step_messages_round_trip_and_carry_only_gaussian_label_gradients():
+    step = wire.StepLogitsRequest(SESSION, REQUEST, "b" * 20, 0.05, 3, 17, "fold1", np.arange(4))
+    back = wire.decode(wire.encode(step), wire.StepLogitsRequest)
+    assert back == step and np.array_equal(back.indices, np.arange(4))
+    apply = wire.StepApplyRequest(SESSION, REQUEST, "fold1", gradients())
+    back_apply = wire.decode(wire.encode(apply), wire.StepApplyRequest)
+    assert back_apply == apply and back_apply.gradients.event == Gaussian(3.5)
+    np.testing.assert_array_equal(back_apply.gradients.values, gradients().values)
+    with pytest.raises(wire.WireError, match="NoisyLabelGradients"):
+        wire.encode(wire.StepApplyRequest(SESSION, REQUEST, "res", np.zeros((2, 3), np.float32)))  # type: ignore[arg-type]
+    raw = wire.encode(apply)
+    for event, match in (
+        ({"type": "RandomizedResponse", "epsilon": 1.0, "classes": 3}, "must be one of"),
+        ({"type": "NonPrivate", "what": "clear"}, "must be one of"),
+    ):
+        edited = edit_meta(raw, lambda m, e=event: m["gradients"].update(event=e))
+        with pytest.raises(wire.WireError, match=match):
+            wire.decode(edited, wire.StepApplyRequest)
+    env = wire.unpack(raw)
+    nan = wire.pack(env.kind, env.meta, [np.full((4, 3), np.nan, np.float32)])
+    with pytest.raises(wire.WireError, match="finite"):
+        wire.decode(nan, wire.StepApplyRequest)
+    env = wire.unpack(wire.encode(step))
+    with pytest.raises(wire.WireError, match="1 to 65536 rows"):
+        wire.decode(wire.pack(env.kind, env.meta, [np.zeros(0, np.int64)]), wire.StepLogitsRequest)
+
+
 def test_only_sanitized_residuals_and_noisy_labels_can_be_encoded():
     with pytest.raises(wire.WireError, match="SanitizedResidual"):
         wire.encode(wire.LogitsRequest(SESSION, torch.zeros(2, 3, 5, 5)))  # type: ignore[arg-type]
@@ -244,6 +276,8 @@ VALID = [
         wire.TrainRequest(SESSION, REQUEST, "b" * 20, 1, 8, 0.1, 0, 0, 3, "res", np.arange(4))
     ),
     wire.encode(wire.ConfigureRequest(SESSION, PublicSpec("resnet20", (3, 5, 5), 4, 0.5, 1))),
+    wire.encode(wire.StepLogitsRequest(SESSION, REQUEST, "b" * 20, 0.1, 0, 5, "res", np.arange(3))),
+    wire.encode(wire.StepApplyRequest(SESSION, REQUEST, "res", gradients())),
     wire.encode(wire.StateReply(("res",), {"model": {"w": torch.ones(2, 2)}, "optimizer": {}})),
     wire.encode_event(Composed((NonPrivate("x"), Gaussian(2.0)))),
 ]
@@ -311,7 +345,7 @@ def test_truncated_or_spliced_valid_messages_never_crash_the_decoder(raw, cut, s
     )
 )
 def test_arbitrary_json_meta_never_crashes_the_decoder(meta):
-    for kind in (1, 2, 3, 4, 5, 6, 7, 100, 90):
+    for kind in (1, 2, 3, 4, 5, 6, 7, 8, 9, 100, 90):
         for arrays in ((), (np.zeros((2, 10), dtype=np.uint8),)):
             _decode_any(wire.pack(kind, {"data": meta, "state": meta, "event": meta}, arrays))
             if isinstance(meta, dict):

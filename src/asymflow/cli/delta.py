@@ -293,7 +293,7 @@ def delta_train(
         typer.Option(
             metavar="[rr|grad|clear]",
             help="How labels reach the public side: rr (randomized response, once), grad "
-            "(noisy per-step gradients softmax(z_res)-y, in-process public side only), or "
+            "(noisy per-step gradients softmax(z_res)-y, one round trip per step), or "
             "clear (a non-private release). \\[default: rr]",
             rich_help_panel=PRIVACY,
         ),
@@ -368,6 +368,10 @@ def delta_train(
 
             remote = client_kwargs(token_file, ca_cert, insecure)
             connect(public_server, config, **remote)
+            if config.labels == "grad":  # no labels are uploaded to tell the server the classes
+                from asymflow.delta.train import load_run_data
+
+                remote["classes"] = len(load_run_data(config).classes)
             with build_client(
                 lambda: RemotePublic(public_server, config=config, **remote)
             ) as public:

@@ -420,7 +420,7 @@ class LocalPublic:
             raise TypeError(
                 f"gradients must be NoisyLabelGradients, got {type(gradients).__name__}"
             )
-        z = self._pending.pop(model, None)
+        z = self._pending.get(model)
         if z is None:
             raise ValueError(f"model {model!r} has no pending step: call step_logits first")
         if tuple(gradients.values.shape) != tuple(z.shape):
@@ -428,6 +428,7 @@ class LocalPublic:
                 f"gradients must have the shape of the pending logits {tuple(z.shape)}, "
                 f"got {gradients.values.shape}"
             )
+        del self._pending[model]
         g = torch.from_numpy(np.array(gradients.values))
         optimizer = self.optimizers[model]
         optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ import random
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asymflow.delta.labels import NoisyLabels
-from asymflow.delta.public import DEFAULT_MODEL, check_payload, dataset_id
+from asymflow.delta.labels import NoisyLabelGradients, NoisyLabels
+from asymflow.delta.public import DEFAULT_MODEL, check_payload, checked_rows, dataset_id
 from asymflow.delta.runs import DeltaConfig, latest_checkpoint, load_checkpoint, read_config
 from asymflow.delta.sanitize import WIRE_VERSION, SanitizedResidual
 from asymflow.transport import wire
@@ -104,10 +104,10 @@ class RemotePublic:
     certificate, PEM); without it ``insecure=True`` is required and ``target`` must be a
     loopback address. The bearer token comes from ``token`` or ``token_file``.
 
-    The public model is ``spec``, or is derived from ``config`` at the first labelled upload
-    (classes from the labels, shape from the residuals), exactly as ``train_delta`` builds
-    its in-process :class:`LocalPublic`. Each client opens its own session: a fresh public
-    side, like a new :class:`LocalPublic`.
+    The public model is ``spec``, or is derived from ``config`` at the first upload (classes
+    from the labels, or ``classes`` for unlabelled uploads with ``labels="grad"``; shape from
+    the residuals), exactly as ``train_delta`` builds its in-process :class:`LocalPublic`.
+    Each client opens its own session: a fresh public side, like a new :class:`LocalPublic`.
     """
 
     def __init__(
@@ -116,6 +116,7 @@ class RemotePublic:
         *,
         config: DeltaConfig | None = None,
         spec: PublicSpec | None = None,
+        classes: int | None = None,
         root_cert: str | os.PathLike[str] | bytes | None = None,
         token: str | None = None,
         token_file: str | os.PathLike[str] | None = None,
@@ -133,6 +134,10 @@ class RemotePublic:
             raise TypeError(f"config must be a DeltaConfig, got {type(config).__name__}")
         if spec is not None and not isinstance(spec, PublicSpec):
             raise TypeError(f"spec must be a PublicSpec, got {type(spec).__name__}")
+        if classes is not None and (
+            isinstance(classes, bool) or not isinstance(classes, int) or classes < 2
+        ):
+            raise ValueError(f"classes must be an integer >= 2 or None, got classes={classes!r}")
         if root_cert is None and not (insecure and is_loopback(host)):
             raise ValueError(
                 "root_cert (the server's TLS certificate or CA) is required; a plaintext "
@@ -155,6 +160,7 @@ class RemotePublic:
         self.part_bytes = part_bytes
         self._config = config
         self._spec = spec
+        self._classes = classes
         self._metadata = bearer_metadata(token) if token is not None else ()
         options = [
             ("grpc.max_receive_message_length", max_receive_bytes),
@@ -177,6 +183,7 @@ class RemotePublic:
         self._pending_state: Mapping[str, Any] | None = None
         self._replay_state: Mapping[str, Any] | None = None
         self._trained = False
+        self._steps: dict[str, bytes] = {}  # model -> its last StepLogits request
         self._random = random.Random()
         self.upload_log: list[str] = []
         """Dataset ids in the order their bytes were sent (a re-upload appears twice)."""
@@ -259,16 +266,16 @@ class RemotePublic:
         return max(1024, min(self.part_bytes, self._server_max_bytes // 2))
 
     def _complete_spec(self, data: SanitizedResidual, labels: NoisyLabels | None) -> None:
-        if self._spec is None and self._config is not None and labels is not None:
-            self._spec = PublicSpec.from_config(
-                self._config, classes=labels.classes, shape=data.shape
-            )
+        classes = self._classes if labels is None else labels.classes
+        if self._spec is None and self._config is not None and classes is not None:
+            self._spec = PublicSpec.from_config(self._config, classes=classes, shape=data.shape)
 
     def _configure(self) -> None:
         if self._spec is None:
             raise ValueError(
                 "the public model is not known yet: upload labelled data first (with "
-                "config=) or construct the client with spec="
+                "config=), construct the client with spec=, or give classes= for unlabelled "
+                "uploads"
             )
         request = wire.encode(wire.ConfigureRequest(self.session, self._spec))
         self._call("Configure", request, wire.ConfigureReply)
@@ -394,6 +401,72 @@ class RemotePublic:
             return dict(reply.metrics)
         raise PublicServerError(
             "Train", grpc.StatusCode.ABORTED, f"the server kept losing data set {dataset_id}"
+        )
+
+    def step_logits(
+        self,
+        dataset_id: str,
+        indices: np.ndarray,
+        *,
+        lr: float,
+        seed: int,
+        step: int,
+        model: str = DEFAULT_MODEL,
+    ) -> Tensor:
+        """z_res of rows ``indices`` in training mode, held on the server for
+        :meth:`step_apply` (see :class:`asymflow.delta.public.StepwisePublicSide`)."""
+        rows = checked_rows(indices, np.iinfo(np.int64).max).astype(np.int64)
+        message = wire.StepLogitsRequest(
+            self.session, _new_id(), dataset_id, float(lr), seed, step, model, rows
+        )
+        self._steps[model] = wire.encode(message)
+        return self._step_logits(model, dataset_id)
+
+    def _step_logits(self, model: str, dataset_id: str) -> Tensor:
+        for _ in range(3):
+            try:
+                reply = self._session_call("StepLogits", self._steps[model], wire.LogitsReply)
+            except PublicServerError as err:
+                if err.missing != "dataset" or dataset_id not in self._uploads:
+                    raise
+                log.warning("the server lost data set %s; uploading it again", dataset_id)
+                self._send_upload(*self._uploads[dataset_id])
+                continue
+            self.server_seconds += reply.seconds
+            return torch.from_numpy(reply.logits)
+        raise PublicServerError(
+            "StepLogits", grpc.StatusCode.ABORTED, f"the server kept losing data set {dataset_id}"
+        )
+
+    def step_apply(self, gradients: NoisyLabelGradients, *, model: str = DEFAULT_MODEL) -> None:
+        """Send the released gradients of ``model``'s pending batch for one optimizer step.
+        One request id for all retries, so the step is applied at most once; if the server
+        lost the pending batch (a restart), its StepLogits is sent again first and the same
+        gradients follow: nothing new is released."""
+        if not isinstance(gradients, NoisyLabelGradients):
+            raise TypeError(
+                f"gradients must be NoisyLabelGradients, got {type(gradients).__name__}"
+            )
+        if model not in self._steps:
+            raise ValueError(f"model {model!r} has no pending step: call step_logits first")
+        request = wire.encode(wire.StepApplyRequest(self.session, _new_id(), model, gradients))
+        for _ in range(3):
+            try:
+                self._session_call("StepApply", request, wire.Empty, long=True)
+            except PublicServerError as err:
+                if err.missing != "step":
+                    raise
+                log.warning("the server lost the pending step of %s; computing it again", model)
+                step = wire.decode(self._steps[model], wire.StepLogitsRequest)
+                self._steps[model] = wire.encode(replace(step, request_id=_new_id()))
+                self._step_logits(model, step.dataset_id)
+                continue
+            self._trained = True
+            self._replay_state = None
+            del self._steps[model]
+            return
+        raise PublicServerError(
+            "StepApply", grpc.StatusCode.ABORTED, "the server kept losing the pending step"
         )
 
     def logits(self, data: SanitizedResidual, *, model: str = DEFAULT_MODEL) -> Tensor:

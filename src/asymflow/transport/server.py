@@ -14,8 +14,13 @@ refused request (DESIGN.md sec. 5):
 - INTERNAL: a training job over several processes (``nproc_per_node`` > 1) that failed;
   the model keeps its state.
 
-Uploads, training and state loads carry request ids: a repeated request returns the stored
-reply instead of running again. The server is stateless apart from its models; with
+With ``labels="grad"`` the public side trains step by step: StepLogits returns z_res of a
+batch and keeps it for the StepApply that carries the released noisy label gradients (the
+only other payload accepted); a pending step is in memory only, and a StepApply after a
+restart is refused with ``asymflow-missing: step`` so the client sends the batch again.
+
+Uploads, training, steps and state loads carry request ids: a repeated request returns the
+stored reply instead of running again. The server is stateless apart from its models; with
 ``state_dir`` the models, specs and completed training replies are written atomically after
 every change, so a restarted server resumes where the last completed request left it.
 Uploaded data sets are held in memory only: the private side uploads them again.
@@ -69,6 +74,8 @@ METHODS: tuple[str, ...] = (
     "Upload",
     "Train",
     "Logits",
+    "StepLogits",
+    "StepApply",
     "GetState",
     "LoadState",
     "Forget",
@@ -150,6 +157,8 @@ class _Session:
     datasets: dict[str, int] = field(default_factory=dict)  # dataset id -> bytes held
     pending: dict[str, _PendingUpload] = field(default_factory=dict)
     completed: OrderedDict[str, _Done] = field(default_factory=OrderedDict)
+    steps: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    """model -> (request id, reply) of its pending StepLogits (``labels="grad"``)."""
 
     @property
     def held_bytes(self) -> int:
@@ -375,6 +384,8 @@ class PublicService:
             "Upload": self.upload,
             "Train": self.train,
             "Logits": self.logits,
+            "StepLogits": self.step_logits,
+            "StepApply": self.step_apply,
             "GetState": self.get_state,
             "LoadState": self.load_state,
             "Forget": self.forget,
@@ -586,6 +597,80 @@ class PublicService:
             seconds = time.perf_counter() - began
             return wire.encode(wire.LogitsReply(z.numpy().astype(np.float32), seconds))
 
+    def step_logits(self, request: bytes) -> bytes:
+        """z_res of a batch in training mode, held for the StepApply that follows (in this
+        process, also with ``nproc_per_node`` > 1: one step is one batch). A repeated request
+        id gets the same reply without a second forward pass."""
+        req = self._decode(request, wire.StepLogitsRequest)
+        with self._lock:
+            session = self._session(req.session)
+            held = session.steps.get(req.model)
+            if held is not None and held[0] == req.request_id:
+                self.count("steps_replayed")
+                return held[1]
+            if req.dataset_id not in session.datasets:
+                raise RefusedError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"dataset_id {req.dataset_id} is not held here: upload it (again)",
+                    missing="dataset",
+                )
+            public = session.public
+            if req.model not in public.models and len(public.models) >= MAX_MODELS_PER_SESSION:
+                raise RefusedError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"a session holds at most {MAX_MODELS_PER_SESSION} models",
+                )
+            torch.set_num_threads(self.threads)
+            began = time.perf_counter()
+            try:
+                z = public.step_logits(
+                    req.dataset_id,
+                    req.indices,
+                    lr=req.lr,
+                    seed=req.seed,
+                    step=req.step,
+                    model=req.model,
+                )
+            except ValueError as err:
+                raise _invalid(str(err)) from None
+            seconds = time.perf_counter() - began
+            reply = wire.encode(wire.LogitsReply(z.numpy().astype(np.float32), seconds))
+            session.steps[req.model] = (req.request_id, reply)
+            self.count("steps_started")
+            return reply
+
+    def step_apply(self, request: bytes) -> bytes:
+        """One optimizer step along released label gradients; persisted before the reply, and
+        applied at most once per request id (a retry gets the recorded reply)."""
+        req = self._decode(request, wire.StepApplyRequest)
+        digest = hashlib.sha256(request).hexdigest()
+        with self._lock:
+            session = self._session(req.session)
+            done = session.completed.get(req.request_id)
+            if done is not None:
+                if done.kind != wire.StepApplyRequest.KIND or digest not in done.digests:
+                    raise _invalid(f"request_id {req.request_id} was used for another request")
+                self.count("steps_replayed")
+                return done.reply
+            if req.model not in session.steps:
+                raise RefusedError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"model {req.model!r} has no pending step here (a restart loses it): "
+                    "send its StepLogits again",
+                    missing="step",
+                )
+            torch.set_num_threads(self.threads)
+            try:
+                session.public.step_apply(req.gradients, model=req.model)
+            except ValueError as err:
+                raise _invalid(str(err)) from None
+            del session.steps[req.model]
+            reply = wire.encode(wire.Empty())
+            session.remember(req.request_id, _Done(wire.StepApplyRequest.KIND, (digest,), reply))
+            self._persist(session)
+            self.count("steps_applied")
+            return reply
+
     def get_state(self, request: bytes) -> bytes:
         req = self._decode(request, wire.StateRequest)
         with self._lock:
@@ -630,6 +715,7 @@ class PublicService:
                 raise _invalid(f"state does not fit the agreed model: {err}") from None
             public.models[req.model] = scratch.models[req.model]
             public.optimizers[req.model] = scratch.optimizers[req.model]
+            session.steps.pop(req.model, None)  # a pending step belonged to the old model
             reply = wire.encode(wire.Empty())
             session.remember(req.request_id, _Done(wire.LoadStateRequest.KIND, (digest,), reply))
             self._persist(session)

@@ -35,7 +35,7 @@ from asymflow.accounting.events import (
     RandomizedResponse,
     event_from_dict,
 )
-from asymflow.delta.labels import NoisyLabels
+from asymflow.delta.labels import NoisyLabelGradients, NoisyLabels
 from asymflow.delta.sanitize import WIRE_VERSION, SanitizedResidual
 from asymflow.transport.spec import MAX_CLASSES, MAX_SAMPLE_ELEMENTS, PublicSpec
 
@@ -57,6 +57,8 @@ MAX_TREE_DEPTH = 32
 MAX_TREE_NODES = 200_000
 MAX_EVENT_DEPTH = 8
 MAX_TEXT = 256
+MAX_STEP_ROWS = 1 << 16
+"""Most rows in one training step of ``labels="grad"`` (one batch)."""
 
 _HEADER = struct.Struct(">4sHHII")
 _ARRAY = struct.Struct(">BB")
@@ -471,6 +473,32 @@ def _labels_from(meta: object, env: Envelope, where: str) -> NoisyLabels:
         raise WireError(f"{where} is not a valid label release: {err}") from None
 
 
+def _gradients_meta(gradients: NoisyLabelGradients, arrays: list[np.ndarray]) -> dict[str, Any]:
+    if not isinstance(gradients, NoisyLabelGradients):
+        raise WireError(
+            f"gradients must be NoisyLabelGradients (a label-DP release), "
+            f"got {type(gradients).__name__}"
+        )
+    arrays.append(np.ascontiguousarray(gradients.values, dtype=np.float32))
+    return {"event": event_to_wire(gradients.event), "values": len(arrays) - 1}
+
+
+def _gradients_from(meta: object, env: Envelope, where: str) -> NoisyLabelGradients:
+    f = _Fields(meta, env, where)
+    event = event_from_wire(f.raw("event"), (Gaussian,), where=f"{where}.event")
+    values = f.array("values", np.float32, 2)
+    f.done()
+    if not 2 <= values.shape[1] <= MAX_CLASSES or len(values) == 0:
+        raise WireError(
+            f"{where}.values must have shape (rows >= 1, 2 <= classes <= {MAX_CLASSES}), "
+            f"got {values.shape}"
+        )
+    try:
+        return NoisyLabelGradients(np.array(values), event)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise WireError(f"{where} is not a valid label-gradient release: {err}") from None
+
+
 # ------------------------------------------------------------------------- state trees
 
 
@@ -860,6 +888,89 @@ class LogitsReply(Message):
 
 
 @dataclass(frozen=True)
+class StepLogitsRequest(Message):
+    """Arguments of :meth:`StepwisePublicSide.step_logits` (``labels="grad"``): z_res of rows
+    ``indices`` in training mode, held by the server until the StepApply that follows."""
+
+    KIND: ClassVar[int] = 8
+    session: str
+    request_id: str
+    dataset_id: str
+    lr: float
+    seed: int
+    step: int
+    model: str
+    indices: np.ndarray = field(compare=False)
+
+    def to_envelope(self) -> tuple[dict[str, Any], list[np.ndarray]]:
+        meta = {
+            "session": self.session,
+            "request_id": self.request_id,
+            "dataset_id": self.dataset_id,
+            "lr": self.lr,
+            "seed": self.seed,
+            "step": self.step,
+            "model": self.model,
+            "indices": 0,
+        }
+        return meta, [np.ascontiguousarray(self.indices, dtype=np.int64)]
+
+    @classmethod
+    def from_envelope(cls, env: Envelope) -> StepLogitsRequest:
+        f = _Fields(env.meta, env, "StepLogitsRequest")
+        session = f.text("session", _HEX32)
+        request_id = f.text("request_id", _HEX32)
+        dataset_id = f.text("dataset_id", _DATASET_ID)
+        lr = f.number("lr")
+        if not 0 < lr <= 1e3:
+            raise WireError(f"StepLogitsRequest.lr must satisfy 0 < lr <= 1000, got {lr}")
+        seed = f.integer("seed", 0, 2**62)
+        step = f.integer("step", 0, 2**40)
+        model = f.text("model", _MODEL)
+        indices = np.array(f.array("indices", np.int64, 1))
+        f.done()
+        if not 1 <= len(indices) <= MAX_STEP_ROWS:
+            raise WireError(
+                f"StepLogitsRequest.indices must hold 1 to {MAX_STEP_ROWS} rows, got {len(indices)}"
+            )
+        return cls(session, request_id, dataset_id, lr, seed, step, model, indices)
+
+
+@dataclass(frozen=True)
+class StepApplyRequest(Message):
+    """One optimizer step of ``model`` along released noisy label gradients (a label-DP
+    payload, recorded in the private side's ledger before it was sent)."""
+
+    KIND: ClassVar[int] = 9
+    session: str
+    request_id: str
+    model: str
+    gradients: NoisyLabelGradients = field(compare=False)
+
+    def to_envelope(self) -> tuple[dict[str, Any], list[np.ndarray]]:
+        arrays: list[np.ndarray] = []
+        meta = {
+            "session": self.session,
+            "request_id": self.request_id,
+            "model": self.model,
+            "gradients": _gradients_meta(self.gradients, arrays),
+        }
+        return meta, arrays
+
+    @classmethod
+    def from_envelope(cls, env: Envelope) -> StepApplyRequest:
+        f = _Fields(env.meta, env, "StepApplyRequest")
+        session = f.text("session", _HEX32)
+        request_id = f.text("request_id", _HEX32)
+        model = f.text("model", _MODEL)
+        gradients = _gradients_from(f.raw("gradients"), env, "StepApplyRequest.gradients")
+        f.done()
+        if len(gradients) > MAX_STEP_ROWS:
+            raise WireError(f"StepApplyRequest.gradients must hold at most {MAX_STEP_ROWS} rows")
+        return cls(session, request_id, model, gradients)
+
+
+@dataclass(frozen=True)
 class StateRequest(Message):
     """The names of the session's models, and the state of ``model`` if given."""
 
@@ -1032,6 +1143,8 @@ REQUESTS: tuple[type[Message], ...] = (
     UploadRequest,
     TrainRequest,
     LogitsRequest,
+    StepLogitsRequest,
+    StepApplyRequest,
     StateRequest,
     LoadStateRequest,
     ForgetRequest,

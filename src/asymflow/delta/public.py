@@ -255,14 +255,7 @@ class LocalPublic:
             raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got lr={lr}")
-        rows = np.arange(len(data)) if indices is None else np.asarray(indices)
-        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
-            raise ValueError("indices must be a non-empty 1-D integer array")
-        if rows.min() < 0 or rows.max() >= len(data):
-            raise ValueError(
-                f"indices must lie in [0, {len(data)}), got [{rows.min()}, {rows.max()}]"
-            )
-        return rows
+        return np.arange(len(data)) if indices is None else checked_rows(indices, len(data))
 
     def train(
         self,

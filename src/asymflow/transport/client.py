@@ -368,11 +368,7 @@ class RemotePublic:
     ) -> dict[str, float]:
         """Train ``model`` on the server (see :meth:`PublicSide.train`). One request id for
         all retries; a data set the server lost is uploaded again (same payload)."""
-        rows = None
-        if indices is not None:
-            rows = np.asarray(indices)
-            if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
-                raise ValueError("indices must be a non-empty 1-D integer array")
+        rows = None if indices is None else checked_rows(indices, np.iinfo(np.int64).max)
         message = wire.TrainRequest(
             self.session,
             _new_id(),

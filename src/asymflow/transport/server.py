@@ -280,6 +280,24 @@ class PublicService:
         self.sessions.move_to_end(session_id)
         return session
 
+    def _replayed(
+        self,
+        session: _Session,
+        req: wire.TrainRequest | wire.StepApplyRequest | wire.LoadStateRequest,
+        digest: str,
+        counter: str = "",
+    ) -> bytes | None:
+        """The stored reply if ``req``'s request id completed this same request (counted
+        under ``counter``), None if it is new; refused if it was used for another request."""
+        done = session.completed.get(req.request_id)
+        if done is None:
+            return None
+        if done.kind != req.KIND or digest not in done.digests:
+            raise _invalid(f"request_id {req.request_id} was used for another request")
+        if counter:
+            self.count(counter)
+        return done.reply
+
     def _held_bytes(self) -> int:
         return sum(s.held_bytes for s in self.sessions.values())
 
@@ -516,18 +534,11 @@ class PublicService:
         digest = hashlib.sha256(request).hexdigest()
         with self._lock:
             session = self._session(req.session)
-            done = session.completed.get(req.request_id)
-            if done is not None:
-                if done.kind != wire.TrainRequest.KIND or digest not in done.digests:
-                    raise _invalid(f"request_id {req.request_id} was used for another request")
-                self.count("trains_replayed")
-                return done.reply
+            replayed = self._replayed(session, req, digest, "trains_replayed")
+            if replayed is not None:
+                return replayed
             if req.dataset_id not in session.datasets:
-                raise RefusedError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"dataset_id {req.dataset_id} is not held here: upload it (again)",
-                    missing="dataset",
-                )
+                raise _dataset_missing(req.dataset_id)
             data, labels = session.public.dataset(req.dataset_id)
             if labels is None:
                 raise RefusedError(
@@ -543,11 +554,7 @@ class PublicService:
                 )
             public = session.public
             fresh = req.model not in public.models
-            if fresh and len(public.models) >= MAX_MODELS_PER_SESSION:
-                raise RefusedError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"a session holds at most {MAX_MODELS_PER_SESSION} models",
-                )
+            _check_room(public, req.model)
             before = None if fresh else copy.deepcopy(session.model_state(req.model))
             torch.set_num_threads(self.threads)
             try:
@@ -609,17 +616,9 @@ class PublicService:
                 self.count("steps_replayed")
                 return held[1]
             if req.dataset_id not in session.datasets:
-                raise RefusedError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"dataset_id {req.dataset_id} is not held here: upload it (again)",
-                    missing="dataset",
-                )
+                raise _dataset_missing(req.dataset_id)
             public = session.public
-            if req.model not in public.models and len(public.models) >= MAX_MODELS_PER_SESSION:
-                raise RefusedError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"a session holds at most {MAX_MODELS_PER_SESSION} models",
-                )
+            _check_room(public, req.model)
             torch.set_num_threads(self.threads)
             began = time.perf_counter()
             try:
@@ -646,12 +645,9 @@ class PublicService:
         digest = hashlib.sha256(request).hexdigest()
         with self._lock:
             session = self._session(req.session)
-            done = session.completed.get(req.request_id)
-            if done is not None:
-                if done.kind != wire.StepApplyRequest.KIND or digest not in done.digests:
-                    raise _invalid(f"request_id {req.request_id} was used for another request")
-                self.count("steps_replayed")
-                return done.reply
+            replayed = self._replayed(session, req, digest, "steps_replayed")
+            if replayed is not None:
+                return replayed
             if req.model not in session.steps:
                 raise RefusedError(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -691,17 +687,11 @@ class PublicService:
         digest = hashlib.sha256(request).hexdigest()
         with self._lock:
             session = self._session(req.session)
-            done = session.completed.get(req.request_id)
-            if done is not None:
-                if done.kind != wire.LoadStateRequest.KIND or digest not in done.digests:
-                    raise _invalid(f"request_id {req.request_id} was used for another request")
-                return done.reply
+            replayed = self._replayed(session, req, digest)
+            if replayed is not None:
+                return replayed
             public = session.public
-            if req.model not in public.models and len(public.models) >= MAX_MODELS_PER_SESSION:
-                raise RefusedError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"a session holds at most {MAX_MODELS_PER_SESSION} models",
-                )
+            _check_room(public, req.model)
             scratch = session.spec.make_public()
             try:
                 scratch.load_state_dict(
@@ -741,6 +731,23 @@ def _assemble(pending: _PendingUpload) -> tuple[SanitizedResidual, NoisyLabels |
         return data, None
     values = np.concatenate([labels.labels for _, _, labels in parts if labels is not None])
     return data, NoisyLabels(values.astype(np.int64), first_labels.classes, first_labels.event)
+
+
+def _dataset_missing(dataset_id: str) -> RefusedError:
+    return RefusedError(
+        grpc.StatusCode.NOT_FOUND,
+        f"dataset_id {dataset_id} is not held here: upload it (again)",
+        missing="dataset",
+    )
+
+
+def _check_room(public: LocalPublic, model: str) -> None:
+    """Refuse a new model beyond :data:`MAX_MODELS_PER_SESSION`."""
+    if model not in public.models and len(public.models) >= MAX_MODELS_PER_SESSION:
+        raise RefusedError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"a session holds at most {MAX_MODELS_PER_SESSION} models",
+        )
 
 
 def _restore(public: LocalPublic, name: str, before: dict[str, Any] | None) -> None:

@@ -51,7 +51,6 @@ from asymflow.cli.public import (
 
 if TYPE_CHECKING:
     from asymflow.delta.runs import DeltaConfig
-    from asymflow.transport.client import RemotePublic
 
 DATA = "Data"
 DECOMPOSITION = "Decomposition and models"
@@ -464,9 +463,9 @@ def delta_eval(
         check_min_int("--batch-size", batch_size, 1)
         check_client_options(public_server, token_file, ca_cert, insecure)
         _check_run_dir(run_dir, finished=False)
-        if public_server is None:
-            from asymflow.delta.infer import evaluate_run
+        from asymflow.delta.infer import evaluate_run
 
+        if public_server is None:
             result = evaluate_run(run_dir, batch_size=batch_size)
         else:
             from asymflow.delta.runs import read_config
@@ -479,7 +478,8 @@ def delta_eval(
             with build_client(
                 lambda: RemotePublic.for_run(run_dir, public_server, **remote)
             ) as public:
-                result = _evaluate_remote(run_dir, batch_size, public)
+                result = evaluate_run(run_dir, batch_size=batch_size, public=public)
+                result.update(public=public.target, server_seconds=public.server_seconds)
     if json_out:
         emit_json(result)
         return
@@ -510,42 +510,6 @@ def delta_eval(
             f"({result['server_seconds']:.2f} s of its compute)",
             soft_wrap=True,
         )
-
-
-def _evaluate_remote(run_dir: Path, batch_size: int, public: RemotePublic) -> dict[str, Any]:
-    """:func:`asymflow.delta.infer.evaluate_run` with ``public`` as the public side: accuracy
-    on the test split, each query batch one release in the run's ledger on dataset
-    ``"<data>/test-queries"``, and the certified ε of one query."""
-    import math
-
-    import torch
-
-    from asymflow.accounting.ledger import PrivacyLedger
-    from asymflow.delta.infer import infer, load_system
-    from asymflow.delta.train import load_run_data
-
-    system = load_system(run_dir, public=public)
-    data = load_run_data(system.config)
-    dataset = f"{system.config.data}/test-queries"
-    with PrivacyLedger.for_run(run_dir) as ledger:
-        logits = infer(
-            system, data.test.images, batch_size=batch_size, ledger=ledger, dataset=dataset
-        )
-        report = ledger.epsilon(system.config.delta, dataset=dataset, scope="query:0")
-    accuracy = float((logits.argmax(1) == torch.from_numpy(data.test.labels)).float().mean())
-    eps = float(report.epsilon)
-    return {
-        "run_dir": str(run_dir),
-        "variant": system.config.variant,
-        "accuracy": accuracy,
-        "queries": len(data.test),
-        "batches": math.ceil(len(data.test) / batch_size),
-        "epsilon_per_query": "inf" if math.isinf(eps) else eps,
-        "epsilon_method": report.method,
-        "delta": system.config.delta,
-        "public": public.target,
-        "server_seconds": public.server_seconds,
-    }
 
 
 def _check_run_dir(run_dir: Path, *, finished: bool) -> None:

@@ -218,13 +218,16 @@ def _batch_logits(
     return z_res if variant == "naive-dp" else model.combine(z_main, z_res)
 
 
-def evaluate_run(run_dir: str | os.PathLike[str], *, batch_size: int = 256) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | os.PathLike[str], *, batch_size: int = 256, public: PublicSide | None = None
+) -> dict[str, Any]:
     """Accuracy of a trained run on its data set's test split, queried through :func:`infer`
-    (each batch recorded in the run's ledger on dataset ``"<data>/test-queries"``).
+    (each batch recorded in the run's ledger on dataset ``"<data>/test-queries"``), with
+    ``public`` as the public side (default: an in-process one holding the run's M_res).
 
     Returns the accuracy, the number of queries and the certified epsilon the queries spent.
     """
-    system = load_system(run_dir)
+    system = load_system(run_dir, public=public)
     data = load_run_data(system.config)
     dataset = f"{system.config.data}/test-queries"
     with PrivacyLedger.for_run(Path(run_dir)) as ledger:

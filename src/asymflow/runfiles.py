@@ -2,8 +2,8 @@
 
 - :func:`atomic_write_bytes` / :func:`atomic_write_json`: temp file in the same directory,
   fsync, ``os.replace``, so that readers see the old or the new file, never a torn one;
-- :func:`append_metrics` / :func:`read_metrics`: ``metrics.jsonl``, one fsynced JSON object a
-  line; a torn (undecodable) line is skipped on reading;
+- :func:`append_metrics` / :func:`read_metrics` / :func:`write_metrics`: ``metrics.jsonl``,
+  one fsynced JSON object a line; a torn (undecodable) line is skipped on reading;
 - :func:`read_config` / :func:`write_config`: ``config.json`` through a config's
   ``to_dict`` / ``from_dict``;
 - :func:`check_int`, :func:`check_number`, :func:`check_choice` (and Delta's
@@ -17,7 +17,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -38,6 +38,7 @@ __all__ = [
     "read_config",
     "read_metrics",
     "write_config",
+    "write_metrics",
 ]
 
 CONFIG_FILE = "config.json"
@@ -158,12 +159,22 @@ def read_config(run_dir: str | os.PathLike[str], from_dict: Callable[[Mapping[st
     return from_dict(json.loads(path.read_text()))
 
 
+def _metrics_line(row: Mapping[str, Any]) -> str:
+    return json.dumps(dict(row), sort_keys=True) + "\n"
+
+
 def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
     """Append one JSON line to ``metrics.jsonl`` (flushed and fsynced)."""
     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(dict(row), sort_keys=True) + "\n")
+        handle.write(_metrics_line(row))
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_metrics(run_dir: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Replace ``metrics.jsonl`` by ``rows`` atomically (a resume drops the rows written after
+    its checkpoint, so that a redone epoch is listed once)."""
+    atomic_write_bytes(run_dir / METRICS_FILE, "".join(map(_metrics_line, rows)).encode())
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

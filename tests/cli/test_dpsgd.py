@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from asymflow.accounting.best import best_epsilon
 from asymflow.accounting.ledger import PrivacyLedger
-from asymflow.dpsgd.runs import DpsgdConfig, read_config
+from asymflow.dpsgd.runs import DpsgdConfig, read_config, read_metrics
 from tests.cli.helpers import (
     assert_clean_error,
     assert_documented_defaults,
@@ -59,6 +60,26 @@ def test_train_with_target_epsilon_prints_the_calibrated_sigma(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert "(calibrated)" in result.stdout
     assert json.loads((run / "result.json").read_text())["epsilon"] <= 8
+
+
+def test_resume_reads_the_settings_of_the_run_and_refuses_others(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["dpsgd", "train", *TINY, "--sampler", "balanced", "--sigma", "1.5", "--out", str(run)]
+    assert invoke(args).exit_code == 0
+    # As if killed after epoch 1's metrics row, before its checkpoint.
+    shutil.rmtree(run / "ckpt")
+    (run / "result.json").unlink()
+    assert_clean_error(
+        invoke([*args, "--resume", "--sigma", "2"]), "these options differ: --sigma (run: 1.5,"
+    )
+    result = invoke(["dpsgd", "train", "--out", str(run), "--resume", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    with PrivacyLedger.for_run(run) as ledger:
+        assert len(ledger.entries()) == 2  # the cut pass and the redone one
+        spent = best_epsilon(ledger.composed_event(dataset="synthetic:40"), 1e-5, ("rdp",))
+    assert payload["epsilon"] == spent.epsilon
+    assert [m["epoch"] for m in read_metrics(run)] == [1]
 
 
 BAD_TRAIN = [

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from asymflow.accounting import (
     BalancedSampled,
@@ -18,10 +24,18 @@ from asymflow.accounting import (
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.dpsgd.engine import validate_model
 from asymflow.dpsgd.partition import PartitionSpec, step_accounting
-from asymflow.dpsgd.runs import DpsgdConfig, read_config, read_metrics
+from asymflow.dpsgd.runs import (
+    DpsgdConfig,
+    latest_checkpoint,
+    load_checkpoint,
+    read_config,
+    read_metrics,
+)
 from asymflow.dpsgd.train import calibrated_sigma, train_dpsgd
 from asymflow.models import resnet20
+from asymflow.runfiles import write_config
 from asymflow.sampling import BalancedIterationSampler
+from tests.cli.helpers import subprocess_env
 
 RDP = ("rdp",)
 TINY = {
@@ -149,3 +163,92 @@ def test_config_errors_name_the_parameter() -> None:
     with pytest.raises(ValueError, match=r"sigma must lie in \(0"):
         DpsgdConfig(sigma=0.0)
     assert math.isclose(DpsgdConfig(sigma=1.0).steps_for(1000), round(1000 / 64))
+
+
+def _train_in_subprocess(config: DpsgdConfig, run_dir: Path) -> subprocess.Popen[bytes]:
+    code = (
+        "import json, sys, torch; torch.set_num_threads(1);"
+        "from asymflow.dpsgd.runs import DpsgdConfig; from asymflow.dpsgd.train import train_dpsgd;"
+        "train_dpsgd(DpsgdConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], progress=False)"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(config.to_dict()), str(run_dir)],
+        env={**subprocess_env(), "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _ledger_rows(run_dir: Path) -> int:
+    with PrivacyLedger.for_run(run_dir) as ledger:
+        return len(ledger.entries())
+
+
+def test_resume_after_sigkill_equals_the_uninterrupted_run_and_never_under_reports(
+    tmp_path: Path,
+) -> None:
+    """Split BIS with momentum: batches, masks, noise and optimizer state all carry over."""
+    config = DpsgdConfig(
+        sampler="balanced", sigma=1.5, partition="split:2", momentum=0.5, **{**TINY, "epochs": 4}
+    )
+    run = tmp_path / "run"
+    proc = _train_in_subprocess(config, run)
+    deadline = time.monotonic() + 120
+    try:  # kill it once epoch 2 has written its ledger row, after the checkpoint of epoch 1
+        while latest_checkpoint(run) is None or _ledger_rows(run) < 2:
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, "no second pass within 120 s"
+            time.sleep(0.02)
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not (run / "result.json").exists()
+    found = latest_checkpoint(run)
+    assert found is not None and found[0] < config.epochs
+    done = found[0]
+    # The process may have gone on past the checkpoint polled for: keep only the rows up to
+    # the checkpoint that was there at the kill.
+    kept = [m for m in read_metrics(run) if m["epoch"] <= done]
+    assert [m["epoch"] for m in kept] == list(range(1, done + 1))
+    rows_at_kill = _ledger_rows(run)
+    assert rows_at_kill >= done
+
+    resumed = train_dpsgd(config, run, progress=False, resume=True)
+    reference = train_dpsgd(config, tmp_path / "reference", progress=False)
+
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[:done] == kept
+    # Every pass started before the kill keeps its row; the redone ones add theirs.
+    assert _ledger_rows(run) == rows_at_kill + config.epochs - done
+    with PrivacyLedger.for_run(run) as ledger:
+        spent = best_epsilon(ledger.composed_event(dataset=config.data), config.delta, RDP)
+    assert resumed.epsilon == spent.epsilon >= reference.epsilon
+    assert (resumed.epsilon > reference.epsilon) == (rows_at_kill > done)  # a pass was cut short
+    assert json.loads((run / "result.json").read_text())["epsilon"] == resumed.epsilon
+    # Fixed seeds: the resumed run is the uninterrupted one, bit for bit.
+    assert [m["test_acc"] for m in metrics] == [m["test_acc"] for m in reference.metrics]
+    mine = load_checkpoint(run / "ckpt" / "epoch4.pt")
+    theirs = load_checkpoint(tmp_path / "reference" / "ckpt" / "epoch4.pt")
+    for name, tensor in theirs["model"].items():
+        assert torch.equal(mine["model"][name], tensor), name
+
+    again = train_dpsgd(config, run, progress=False, resume=True)  # finished: nothing to train
+    assert _ledger_rows(run) == rows_at_kill + config.epochs - done
+    assert (again.epsilon, again.test_acc, again.metrics) == (
+        resumed.epsilon,
+        resumed.test_acc,
+        metrics,
+    )
+
+
+def test_resume_with_a_different_config_is_refused_naming_the_fields(tmp_path: Path) -> None:
+    config = DpsgdConfig(sampler="balanced", sigma=1.5, **TINY)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_config(run, config)
+    other = DpsgdConfig(sampler="poisson", sigma=2.0, **TINY)
+    with pytest.raises(ValueError, match=r"differing fields: \['sampler', 'sigma'\]"):
+        train_dpsgd(other, run, progress=False, resume=True)
+    with pytest.raises(FileExistsError, match="pass resume=True"):
+        train_dpsgd(config, run, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]

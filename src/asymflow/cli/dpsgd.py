@@ -2,14 +2,16 @@
 and optional model partitioning, through :func:`asymflow.dpsgd.train.train_dpsgd`.
 
 Options map to :class:`asymflow.dpsgd.runs.DpsgdConfig` fields of the same name; an option
-left out keeps the config's default. Shuffled batches are refused: they have no certified ε
-(Chua et al., ICML 2024). Partitioning: Dong, Chen, Ozgur, ICML 2025 (arXiv 2503.03043).
+left out keeps the config's default, or with ``--resume`` the value in the run's
+``config.json`` (options given must match it). Shuffled batches are refused: they have no
+certified ε (Chua et al., ICML 2024). Partitioning: Dong, Chen, Ozgur, ICML 2025 (arXiv
+2503.03043).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -25,6 +27,9 @@ from asymflow.cli.common import (
     option_name,
     out_console,
 )
+
+if TYPE_CHECKING:
+    from asymflow.dpsgd.runs import DpsgdConfig
 
 SAMPLING = "Sampling"
 NOISE = "Noise and partitioning"
@@ -42,10 +47,19 @@ def dpsgd_train(
         typer.Option(
             metavar="RUN_DIR",
             help="New run directory (config.json, metrics.jsonl, ledger.sqlite, checkpoints, "
-            "result.json). Required.",
+            "result.json), or the run to continue with --resume. Required.",
             rich_help_panel=RUN,
         ),
     ],
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out from its latest checkpoint (or start it). Options "
+            "left out are read from its config.json; options given must match it.",
+            rich_help_panel=RUN,
+        ),
+    ] = False,
     data: Annotated[
         str | None,
         typer.Option(
@@ -227,7 +241,8 @@ def dpsgd_train(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train a model with DP-SGD into a new run directory and print its summary.
+    """Train a model with DP-SGD into a new run directory (or continue one with --resume) and
+    print its summary.
 
     Example: asymflow dpsgd train --sampler balanced --k 5 --epochs 5 --target-epsilon 8
     --out runs/dpsgd
@@ -235,30 +250,17 @@ def dpsgd_train(
     given: dict[str, Any] = {
         name: value
         for name, value in ctx.params.items()
-        if value is not None and name not in ("out", "json_out", "method")
+        if value is not None and name not in ("out", "resume", "json_out", "method")
     }
     with errors(_options(), DATA_HINTS):
-        if given.get("sampler") == "shuffle":
-            raise CliInputError(
-                "--sampler shuffle has no certified ε for DP-SGD (Chua et al. 2024); use "
-                "--sampler balanced --k 1 for the same batch structure with a certified bound"
-            )
-        if "sampler" in given:
-            check_choice("--sampler", given["sampler"], SAMPLERS)
-        if (sigma is None) == (target_epsilon is None):
-            raise CliInputError(
-                "give exactly one of --sigma (noise multiplier > 0) and --target-epsilon "
-                f"(> 0), got {'both' if sigma is not None else 'neither'}"
-            )
         if method is not None:
             given["methods"] = METHODS[check_choice("--method", method, tuple(METHODS))]
         if shared is not None:
             given["shared"] = tuple(p for item in shared for p in item.split(",") if p)
-        from asymflow.dpsgd.runs import DpsgdConfig
+        config = _train_config(given, out, resume)
         from asymflow.dpsgd.train import train_dpsgd
 
-        config = DpsgdConfig(**given)
-        result = train_dpsgd(config, out, progress=True).to_dict()
+        result = train_dpsgd(config, out, progress=True, resume=resume).to_dict()
     if json_out:
         emit_json(result)
         return
@@ -266,6 +268,45 @@ def dpsgd_train(
     out_console().print(
         f"wrote {out}; inspect the releases with 'asymflow ledger show {out}'", soft_wrap=True
     )
+
+
+def _train_config(given: dict[str, Any], out: Path, resume: bool) -> DpsgdConfig:
+    """The run's config: the options over the defaults for a new run; with --resume the run's
+    own config.json, which the options given must match."""
+    from asymflow.dpsgd.runs import CONFIG_FILE, DpsgdConfig, read_config
+
+    if not (out / CONFIG_FILE).is_file():
+        if given.get("sampler") == "shuffle":
+            raise CliInputError(
+                "--sampler shuffle has no certified ε for DP-SGD (Chua et al. 2024); use "
+                "--sampler balanced --k 1 for the same batch structure with a certified bound"
+            )
+        if "sampler" in given:
+            check_choice("--sampler", given["sampler"], SAMPLERS)
+        if ("sigma" in given) == ("target_epsilon" in given):
+            raise CliInputError(
+                "give exactly one of --sigma (noise multiplier > 0) and --target-epsilon "
+                f"(> 0), got {'both' if 'sigma' in given else 'neither'}"
+            )
+        return DpsgdConfig(**given)
+    if not resume:
+        raise CliInputError(
+            f"--out already holds a run ({out}); pass --resume to continue it, or choose a new "
+            "directory"
+        )
+    stored = read_config(out)
+    options = _options()
+    differ = [
+        f"{options[name]} (run: {getattr(stored, name)}, given: {value})"
+        for name, value in given.items()
+        if getattr(stored, name) != value
+    ]
+    if differ:
+        raise CliInputError(
+            "--resume continues a run with the settings in its config.json; these options "
+            f"differ: {', '.join(differ)}"
+        )
+    return stored
 
 
 def _options() -> dict[str, str]:

@@ -1,17 +1,19 @@
 """DP-SGD run configuration and run-directory files.
 
 A run directory holds (DESIGN.md sec. 1): ``config.json`` (:class:`DpsgdConfig`),
-``metrics.jsonl`` (one row per epoch: test accuracy and the certified epsilon so far),
-``ledger.sqlite`` (one row per BIS pass or Poisson epoch, written before its first update),
-``ckpt/epoch{N}.pt`` (the latest epoch's model, optimizer and accountant state) and
-``result.json``. No metric is computed on the private training data: a training loss or batch
-size would be a release the ledger does not cover.
+``metrics.jsonl`` (one row per epoch: test accuracy and the ledger's certified epsilon so
+far), ``ledger.sqlite`` (one row per BIS pass or Poisson epoch, written before its first
+update), ``ckpt/epoch{N}.pt`` (the latest epoch's model, optimizer and accountant state,
+written after that epoch's metrics row; a resume continues from it) and ``result.json``. No
+metric is computed on the private training data: a training loss or batch size would be a
+release the ledger does not cover.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from asymflow.runfiles import (
     config_from_dict,
     config_to_dict,
     read_metrics,
+    write_metrics,
 )
 from asymflow.runfiles import read_config as _read_config
 
@@ -46,9 +49,12 @@ __all__ = [
     "DpsgdConfig",
     "append_metrics",
     "atomic_write_json",
+    "latest_checkpoint",
+    "load_checkpoint",
     "read_config",
     "read_metrics",
     "save_checkpoint",
+    "truncate_metrics",
 ]
 
 RESULT_FILE = "result.json"
@@ -56,6 +62,7 @@ CKPT_DIR = "ckpt"
 SAMPLERS: tuple[str, ...] = ("balanced", "poisson", "shuffle")
 MODELS: tuple[str, ...] = ("resnet20", "resnet18", "resnet34")
 NORMS: tuple[str, ...] = ("group", "batch")
+_CKPT_NAME = re.compile(r"epoch(\d+)\.pt")
 
 
 @dataclass(frozen=True)
@@ -187,3 +194,27 @@ def save_checkpoint(run_dir: Path, epoch: int, state: Mapping[str, Any]) -> Path
         if old != path:
             old.unlink(missing_ok=True)
     return path
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[int, Path] | None:
+    """(epoch, path) of the latest ``ckpt/epoch{N}.pt``, or None."""
+    directory = Path(run_dir) / CKPT_DIR
+    if not directory.is_dir():
+        return None
+    found = [
+        (int(match.group(1)), path)
+        for path in directory.iterdir()
+        if (match := _CKPT_NAME.fullmatch(path.name))
+    ]
+    return max(found) if found else None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def truncate_metrics(run_dir: Path, epoch: int) -> None:
+    """Keep the metric rows of epochs <= ``epoch`` (the checkpoint a resume continues from), so
+    that an epoch redone after a crash is listed once."""
+    write_metrics(run_dir, [row for row in read_metrics(run_dir) if row["epoch"] <= epoch])

@@ -18,6 +18,14 @@ Opacus's ``DPOptimizer`` is not used here (it cannot mask per record); see
 :mod:`asymflow.dpsgd.engine` for plain DP-SGD through ``PrivacyEngine.make_private``.
 ``sigma`` comes from the config or from :func:`asymflow.accounting.noise_for_epsilon` on the
 exact schedule (see :func:`asymflow.dpsgd.partition.step_accounting` for the events).
+
+Resume: epoch e draws its batches from (sampler seed, e) and its noise and masks from
+(noise seed, e), so a run resumed from the checkpoint of epoch c redoes epochs c+1.. as an
+uninterrupted run would (exactly, with fixed seeds). The ledger keeps the rows of the epoch that
+was interrupted (its updates may have been released) and the redone epoch writes its own, so the
+reported epsilon, always recomputed from the ledger, over-counts after a crash, never under-counts.
+With the seeds None (production), a resumed process draws new secret seeds, so the redone epoch
+is sampled and noised independently of the cut one, as its own ledger row assumes.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from opacus import GradSampleModule
 from rich.console import Console
@@ -48,7 +57,7 @@ from rich.progress import (
 from torch import Tensor, nn
 from torch.nn import functional
 
-from asymflow.accounting.best import best_epsilon
+from asymflow.accounting.best import EpsilonReport, best_epsilon
 from asymflow.accounting.calibrate import noise_for_epsilon
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.data import load_data
@@ -63,7 +72,12 @@ from asymflow.dpsgd.runs import (
     DpsgdConfig,
     append_metrics,
     atomic_write_json,
+    latest_checkpoint,
+    load_checkpoint,
+    read_config,
+    read_metrics,
     save_checkpoint,
+    truncate_metrics,
 )
 from asymflow.models import build_model
 
@@ -100,9 +114,10 @@ class DpsgdResult:
 
 
 class _Bars:
-    """Rich progress bars on stderr: epochs, and the steps of the current epoch."""
+    """Rich progress bars on stderr: epochs (``done`` of them before a resume), and the steps of
+    the current epoch."""
 
-    def __init__(self, enabled: bool, epochs: int) -> None:
+    def __init__(self, enabled: bool, epochs: int, done: int = 0) -> None:
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("[bold]{task.description}"),
@@ -114,12 +129,15 @@ class _Bars:
             disable=not enabled,
         )
         self.epochs = epochs
+        self.done = done
         self.epoch_task: TaskID | None = None
         self.step_task: TaskID | None = None
 
     def __enter__(self) -> _Bars:
         self.progress.__enter__()
-        self.epoch_task = self.progress.add_task("dp-sgd epochs", total=self.epochs, info="")
+        self.epoch_task = self.progress.add_task(
+            "dp-sgd epochs", total=self.epochs, completed=self.done, info=""
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -252,20 +270,58 @@ def _seed(value: int | None) -> int:
     return secrets.randbits(63) if value is None else int(value)
 
 
+def _noise_generator(noise_seed: int | None, epoch: int) -> torch.Generator:
+    """The generator of epoch ``epoch``'s masks and noise: seeded from (noise_seed, epoch) by
+    numpy's SeedSequence, so that a resumed epoch draws what it would have drawn in one go; from
+    the OS's secure source when ``noise_seed`` is None."""
+    if noise_seed is None:
+        return torch.Generator().manual_seed(_seed(None))
+    (seed,) = np.random.SeedSequence((noise_seed, epoch)).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _spent(ledger: PrivacyLedger, config: DpsgdConfig) -> EpsilonReport:
+    """The certified epsilon of every row in the ledger, including those of an epoch that was
+    interrupted and redone: never less than what was released."""
+    return best_epsilon(ledger.composed_event(dataset=config.data), config.delta, config.methods)
+
+
+def _check_resumable(run_path: Path, config: DpsgdConfig, resume: bool) -> None:
+    """Refuse an existing run unless ``resume`` and its ``config.json`` equals ``config``."""
+    if not (run_path / CONFIG_FILE).exists():
+        return
+    if not resume:
+        raise FileExistsError(
+            f"run_dir already holds a run ({run_path}); pass resume=True or use a new directory"
+        )
+    stored, given = read_config(run_path).to_dict(), config.to_dict()
+    differ = sorted(name for name, value in stored.items() if given[name] != value)
+    if differ:
+        raise ValueError(
+            f"config must equal the run's {CONFIG_FILE} to resume; differing fields: {differ}"
+        )
+
+
 def train_dpsgd(
-    config: DpsgdConfig, run_dir: str | os.PathLike[str], *, progress: bool = True
+    config: DpsgdConfig,
+    run_dir: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    resume: bool = False,
 ) -> DpsgdResult:
-    """Train ``config`` into the new directory ``run_dir`` and return the summary.
+    """Train ``config`` into ``run_dir`` and return the summary.
 
     Writes config.json, metrics.jsonl (per epoch), ledger.sqlite (per pass/epoch, ahead of
-    the updates), ckpt/epoch{N}.pt and result.json. Refuses BatchNorm models, the shuffle
-    sampler and an existing run directory.
+    the updates), ckpt/epoch{N}.pt and result.json. ``resume=True`` continues the run in
+    ``run_dir``, which must have the same config, from its latest checkpoint, or from epoch 1
+    (keeping the ledger) without one; a finished run is summarized again without training (as
+    :func:`asymflow.delta.train.train_delta` does). Refuses BatchNorm models, the shuffle
+    sampler, and an existing run unless resuming it.
     """
     if not isinstance(config, DpsgdConfig):
         raise TypeError(f"config must be a DpsgdConfig, got {type(config).__name__}")
     run_path = Path(run_dir)
-    if (run_path / CONFIG_FILE).exists():
-        raise FileExistsError(f"run_dir already holds a run ({run_path}); use a new directory")
+    _check_resumable(run_path, config, resume)
     began = time.perf_counter()
     with _threads(config.threads):
         data = load_data(config.data, progress=progress)
@@ -315,14 +371,27 @@ def train_dpsgd(
             optimizer = torch.optim.SGD(
                 params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
             )
-            generator = torch.Generator().manual_seed(_seed(config.noise_seed))
+            done = 0
+            found = latest_checkpoint(run_path) if resume else None
+            if found is not None:
+                done, path = found
+                state = load_checkpoint(path)
+                if state["config"] != config.to_dict():
+                    raise ValueError(f"checkpoint {path} must hold this run's config to resume")
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                accountant.load_state_dict(state["accountant"])
+            if resume:
+                truncate_metrics(run_path, done)
+            metrics = read_metrics(run_path)
+            acc = metrics[-1]["test_acc"] if metrics else 0.0
             loader = private_loader(train_set, sampler)
-            metrics: list[dict[str, Any]] = []
-            acc = 0.0
-            with _Bars(progress, config.epochs) as bars:
-                for epoch in range(1, config.epochs + 1):
+            with _Bars(progress, config.epochs, done) as bars:
+                for epoch in range(done + 1, config.epochs + 1):
                     bars.start_epoch(epoch, len(sampler))
                     train_set.set_epoch(epoch)
+                    sampler.set_epoch(epoch - 1)  # the sampler's passes count from 0
+                    generator = _noise_generator(config.noise_seed, epoch)
                     for batch in loader:
                         private_step(
                             module,
@@ -339,7 +408,7 @@ def train_dpsgd(
                         )
                         bars.step()
                     acc = _test_accuracy(model, test_set, config.eval_batch_size)
-                    report = accountant.epsilon_report(config.delta)
+                    report = _spent(ledger, config)
                     row = {
                         "epoch": epoch,
                         "steps": len(accountant),
@@ -365,9 +434,7 @@ def train_dpsgd(
                     )
                     bars.epoch_done(f"acc {acc:.3f}  eps {report.epsilon:.3f}")
             accountant.finish()
-            final = best_epsilon(
-                ledger.composed_event(dataset=config.data), config.delta, config.methods
-            )
+            final = _spent(ledger, config)
         finally:
             ledger.close()
     result = DpsgdResult(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import os
 import re
@@ -42,6 +41,7 @@ from asymflow.runfiles import (
     check_choice,
     check_int,
     read_metrics,
+    write_metrics,
 )
 from asymflow.runfiles import read_config as _read_config
 from asymflow.runfiles import write_config as _write_config
@@ -278,8 +278,7 @@ def truncate_metrics(run_dir: Path, stage: int, epoch: int) -> None:
     """Keep only metric rows up to (stage, epoch): the position of the checkpoint resumed from,
     so epochs redone after a crash are not listed twice."""
     rows = [r for r in read_metrics(run_dir) if (r["stage"], r["epoch"]) <= (stage, epoch)]
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    atomic_write_bytes(run_dir / METRICS_FILE, text.encode())
+    write_metrics(run_dir, rows)
 
 
 def checkpoint_path(run_dir: Path, stage: int, epoch: int) -> Path:

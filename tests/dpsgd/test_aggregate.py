@@ -59,9 +59,9 @@ def test_clip_factors_are_min_one_and_clip_over_norm() -> None:
     assert clip_factors(norms, 0.5).tolist() == [1.0, 1.0, 1.0, 0.25]
 
 
-def test_update_is_clipped_sum_plus_noise_over_fixed_expected_batch_size() -> None:
-    """theta_1 = theta_0 - lr (sum_i clip_C(g_i) + N(0, sigma^2 C^2)) / B_bar, with
-    B_bar = 2.5 fixed while the realized batch has 3 examples (Abadi et al. 2016, Alg. 1)."""
+def test_update_is_clipped_sum_plus_noise_over_the_declared_batch_size() -> None:
+    """theta_1 = theta_0 - lr (sum_i clip_C(g_i) + N(0, sigma^2 C^2)) / B, with the declared
+    B = 2.5 while the realized batch has 3 examples (Abadi et al. 2016, Alg. 1)."""
     _, reference, plan, module, params = _setup()
     data = tiny_data(3, seed=1, scale=3.0)
     x, y = data.tensors
@@ -90,7 +90,7 @@ def test_update_is_clipped_sum_plus_noise_over_fixed_expected_batch_size() -> No
         accountant=_accountant(),
         clip=clip,
         sigma=sigma,
-        expected_batch_size=expected,
+        normalizer=expected,
         generator=torch.Generator().manual_seed(seed),
     )
     for p, want in zip(params, expected_params, strict=True):
@@ -133,7 +133,7 @@ def test_empty_batch_still_adds_noise_and_is_accounted() -> None:
         accountant=accountant,
         clip=CLIP,
         sigma=sigma,
-        expected_batch_size=expected,
+        normalizer=expected,
         generator=torch.Generator().manual_seed(seed),
     )
     assert len(accountant) == 1
@@ -160,7 +160,7 @@ def test_partitioned_step_without_noise_changes_only_the_chosen_block() -> None:
             plan,
             clip=CLIP,
             sigma=0.0,
-            expected_batch_size=1.0,
+            normalizer=1.0,
             generator=torch.Generator().manual_seed(seed),
         )
         torch.optim.SGD(params, lr=0.5).step()
@@ -194,7 +194,7 @@ def test_partitioned_step_with_noise_changes_every_block() -> None:
         accountant=_accountant(),
         clip=CLIP,
         sigma=1.0,
-        expected_batch_size=1.0,
+        normalizer=1.0,
         generator=torch.Generator().manual_seed(5),
     )
     for name, p, b in zip(plan.names, params, before, strict=True):
@@ -247,9 +247,7 @@ def test_aggregation_rejects_bad_parameters() -> None:
         noisy_gradient_sum(grads, plan, clip=0.0, sigma=1.0, generator=gen)
     with pytest.raises(ValueError, match="sigma must be a finite number >= 0"):
         noisy_gradient_sum(grads, plan, clip=1.0, sigma=-1.0, generator=gen)
-    with pytest.raises(ValueError, match="expected_batch_size must be a finite number > 0"):
-        set_private_gradients(
-            params, grads, plan, clip=1.0, sigma=1.0, expected_batch_size=0, generator=gen
-        )
+    with pytest.raises(ValueError, match="normalizer must be a finite number > 0"):
+        set_private_gradients(params, grads, plan, clip=1.0, sigma=1.0, normalizer=0, generator=gen)
     with pytest.raises(ValueError, match="one tensor per plan parameter"):
         noisy_gradient_sum(grads[:-1], plan, clip=1.0, sigma=1.0, generator=gen)

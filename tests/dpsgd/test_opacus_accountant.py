@@ -30,6 +30,8 @@ from tests.dpsgd.tiny import tiny_cnn, tiny_data
 
 DELTA = 1e-5
 RDP = ("rdp",)
+NORMALIZER = 5.0
+"""The declared batch size B of the Opacus runs: a public constant, unlike k N / T."""
 
 
 @pytest.fixture
@@ -57,6 +59,7 @@ def _opacus_run(sampler, ledger, *, sigma: float, epochs: int):
         optimizer=optimizer,
         dataset=tiny_data(sampler.num_samples),
         sampler=sampler,
+        normalizer=NORMALIZER,
         noise_multiplier=sigma,
         max_grad_norm=1.0,
         ledger=ledger,
@@ -89,7 +92,7 @@ def test_bis_in_opacus_loop_ledger_epsilon_equals_sampler_event(ledger: PrivacyL
     accountant, rows_at_update, dp_optimizer = _opacus_run(
         sampler, ledger, sigma=sigma, epochs=passes
     )
-    assert dp_optimizer.expected_batch_size == pytest.approx(k * 24 / steps)
+    assert dp_optimizer.expected_batch_size == NORMALIZER  # declared, not k N / T
     assert rows_at_update == [1] * steps + [2] * steps  # each pass recorded before its updates
     entries = ledger.entries()
     assert [e.event for e in entries] == [BalancedSampled(k, steps, Gaussian(sigma))] * passes
@@ -127,6 +130,7 @@ def test_empty_batch_in_opacus_loop_adds_noise(ledger: PrivacyLedger) -> None:
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         dataset=tiny_data(24),
         sampler=sampler,
+        normalizer=NORMALIZER,
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         ledger=ledger,
@@ -205,11 +209,12 @@ def test_an_abandoned_pass_is_not_merged_into_the_next(ledger: PrivacyLedger) ->
     assert accountant.event() == ledger.composed_event()
 
 
-def test_opacus_optimizer_divides_by_the_fixed_expected_batch_size(
+def test_opacus_optimizer_divides_by_the_declared_batch_size(
     ledger: PrivacyLedger,
 ) -> None:
-    """Through DPOptimizer: theta_1 = theta_0 - lr (sum_i clip(g_i) + noise) / (kN/T), with
-    kN/T = 8 while the batch holds 3 examples (Opacus alone would divide by int(N/T) = 4)."""
+    """Through DPOptimizer: theta_1 = theta_0 - lr (sum_i clip(g_i) + noise) / B, with the
+    declared B = 5 while the batch holds 3 examples, the expected batch size is kN/T = 8 and
+    Opacus alone would divide by int(N/T) = 4."""
     k, n, steps, sigma, clip, lr = 2, 24, 6, 0.8, 0.3, 0.1
     sampler = BalancedIterationSampler(n, k, steps, seed=0)
     model = tiny_cnn()
@@ -220,6 +225,7 @@ def test_opacus_optimizer_divides_by_the_fixed_expected_batch_size(
         optimizer=torch.optim.SGD(model.parameters(), lr=lr),
         dataset=tiny_data(n),
         sampler=sampler,
+        normalizer=NORMALIZER,
         noise_multiplier=sigma,
         max_grad_norm=clip,
         ledger=ledger,
@@ -236,8 +242,7 @@ def test_opacus_optimizer_divides_by_the_fixed_expected_batch_size(
     gen = torch.Generator().manual_seed(11)
     noise = [torch.normal(0.0, sigma * clip, p.shape, generator=gen) for p in params]
     want = [
-        p.detach() - lr * (t + z) / (k * n / steps)
-        for p, t, z in zip(params, total, noise, strict=True)
+        p.detach() - lr * (t + z) / NORMALIZER for p, t, z in zip(params, total, noise, strict=True)
     ]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -4,7 +4,7 @@ random-subnetwork (partitioned) training (Dong, Chen, Ozgur, ICML 2025, arXiv 25
 - :mod:`.opacus_accountant`: :class:`AsymflowAccountant`, an Opacus ``IAccountant``;
 - :mod:`.engine`: plain DP-SGD through ``PrivacyEngine.make_private`` with our samplers;
 - :mod:`.partition`: parameter blocks, per-record masks, and how a step is accounted;
-- :mod:`.aggregate`: mask, clip, sum, noise on all coordinates, divide by the fixed B_bar;
+- :mod:`.aggregate`: mask, clip, sum, noise on all coordinates, divide by the declared batch size;
 - :mod:`.train`: :func:`train_dpsgd`, the run with its directory and ledger.
 """
 

@@ -9,13 +9,15 @@ per-sample masks m_i (:meth:`PartitionPlan.draw_masks`) and the two parts of the
     h_i   = m_i * g_i                                    (zero outside the record's block)
     c_i^P = h_i^P * min(1, C_P / ||h_i^P||_2)            for each part P in {A, B}
     G^P   = sum_{i in S} c_i^P + N(0, sigma^2 C_P^2 I)   (noise on EVERY coordinate of P)
-    grad  = G / B_bar                                    (B_bar: the FIXED expected batch size)
+    grad  = G / B                                        (B: the DECLARED batch size)
 
 The privacy analysis is about the noisy sum G: the L2 sensitivity of sum_i c_i^P is C_P under
-add/remove of one record. Dividing by a data-independent constant B_bar (kN/T for BIS, qN for
-Poisson) is post-processing. Dividing by the realized |S| would not be: |S| depends on which
-records are present, and it is not covered by the Gaussian mechanism's guarantee. An empty batch
-still releases the noise, G = N(0, sigma^2 C^2 I), exactly as the accountant assumes.
+add/remove of one record, and anything computed from G and public constants is post-processing.
+B is such a constant: the batch size the user declares before training. It is deliberately not
+the expected batch size kN/T (BIS) or qN (Poisson): those depend on the number N of records,
+which add/remove DP does not treat as public (a neighbouring data set has N +- 1). Nor is it the
+realized |S|, which depends on which records are present. An empty batch still releases the
+noise, G = N(0, sigma^2 C^2 I), exactly as the accountant assumes.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from torch import Tensor, nn
 
 from asymflow.dpsgd.partition import SHARED, PartitionPlan
 
-__all__ = ["clip_factors", "noisy_gradient_sum", "set_private_gradients"]
+__all__ = ["check_positive", "clip_factors", "noisy_gradient_sum", "set_private_gradients"]
 
 
-def _check_positive(name: str, value: float) -> float:
+def check_positive(name: str, value: float) -> float:
+    """``value`` as a float if it is a finite number > 0, else ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number > 0, got {name}={value!r}")
     value = float(value)
@@ -62,8 +65,8 @@ def noisy_gradient_sum(
     ``shared_clip`` is C_B (default ``clip``). Masks are drawn first, then noise for each
     parameter in order, all from ``generator``.
     """
-    clip = _check_positive("clip", clip)
-    shared_clip = clip if shared_clip is None else _check_positive("shared_clip", shared_clip)
+    clip = check_positive("clip", clip)
+    shared_clip = clip if shared_clip is None else check_positive("shared_clip", shared_clip)
     if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma >= 0:
         raise ValueError(f"sigma must be a finite number >= 0, got sigma={sigma!r}")
     if not math.isfinite(sigma):
@@ -107,14 +110,14 @@ def set_private_gradients(
     *,
     clip: float,
     sigma: float,
-    expected_batch_size: float,
+    normalizer: float,
     generator: torch.Generator,
     shared_clip: float | None = None,
 ) -> None:
-    """Set ``p.grad = G / B_bar`` for every parameter (``B_bar = expected_batch_size``, a fixed
-    constant; see the module docstring). The caller then records the step in the ledger and
-    calls ``optimizer.step()``."""
-    expected = _check_positive("expected_batch_size", expected_batch_size)
+    """Set ``p.grad = G / B`` for every parameter (``B = normalizer``, the declared batch size,
+    a public constant; see the module docstring). The caller then records the step in the
+    ledger and calls ``optimizer.step()``."""
+    normalizer = check_positive("normalizer", normalizer)
     if len(params) != len(plan.names):
         raise ValueError(f"params must hold the plan's {len(plan.names)} parameters")
     sums = noisy_gradient_sum(
@@ -123,4 +126,4 @@ def set_private_gradients(
     for p, total in zip(params, sums, strict=True):
         if total.shape != p.shape:
             raise ValueError(f"grad_samples must match parameter shapes, got {tuple(total.shape)}")
-        p.grad = (total / expected).to(p.dtype)
+        p.grad = (total / normalizer).to(p.dtype)

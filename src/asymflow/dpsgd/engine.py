@@ -1,4 +1,4 @@
-"""Plain Opacus DP-SGD with our samplers, our accountant and the fixed expected batch size.
+"""Plain Opacus DP-SGD with our samplers, our accountant and a declared batch size.
 
 For users of ``opacus.PrivacyEngine`` who keep Opacus's ``DPOptimizer`` (plain DP-SGD, no model
 partitioning; :mod:`asymflow.dpsgd.train` uses its own aggregation step for both).
@@ -10,11 +10,12 @@ partitioning; :mod:`asymflow.dpsgd.train` uses its own aggregation step for both
    (Poisson or BIS) in the DataLoader, with a collate that turns empty batches into
    zero-length tensors, so an empty step still runs and adds its noise;
 3. the normalization: ``DPOptimizer`` divides the noisy sum by ``expected_batch_size``, which
-   ``make_private`` sets to ``int(N / len(data_loader))``, i.e. N/T for BIS, wrong by a factor
-   k and truncated. We set it to the sampler's exact expected batch size (kN/T or qN), a fixed
-   constant, so the division is post-processing of the Gaussian mechanism on the sum (Abadi et
-   al., CCS 2016, Alg. 1). The realized batch size is never used: with ``loss_reduction="mean"``
-   Opacus rescales per-sample gradients by it before clipping, which exactly undoes the mean.
+   ``make_private`` sets to ``int(N / len(data_loader))``: for BIS N/T, wrong by a factor k,
+   and for any sampler a function of the record count N, which add/remove DP does not treat as
+   public. We set it to ``normalizer``, the batch size the caller declares (a public constant),
+   so the division is post-processing of the Gaussian mechanism on the sum (Abadi et al., CCS
+   2016, Alg. 1). The realized batch size is never used: with ``loss_reduction="mean"`` Opacus
+   rescales per-sample gradients by it before clipping, which exactly undoes the mean.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn, optim
 from torch.utils.data import DataLoader, Dataset
 
 from asymflow.accounting.ledger import PrivacyLedger
+from asymflow.dpsgd.aggregate import check_positive
 from asymflow.dpsgd.loader import private_loader
 from asymflow.dpsgd.opacus_accountant import AccountedSampler, AsymflowAccountant
 
@@ -64,6 +66,7 @@ def make_private_with_sampler(
     optimizer: optim.Optimizer,
     dataset: Dataset[Any],
     sampler: AccountedSampler,
+    normalizer: float,
     noise_multiplier: float,
     max_grad_norm: float,
     ledger: PrivacyLedger | None = None,
@@ -73,9 +76,12 @@ def make_private_with_sampler(
 ) -> tuple[GradSampleModule, DPOptimizer, DataLoader[Any], AsymflowAccountant]:
     """``privacy_engine.make_private`` with ``sampler`` batches and :class:`AsymflowAccountant`.
 
-    Returns (module, optimizer, data_loader, accountant). Every ``optimizer.step()`` is
-    accounted (and a new pass or epoch recorded in ``ledger``) before the parameters change.
+    ``normalizer`` is the declared batch size B that the noisy sum is divided by (see the module
+    docstring). Returns (module, optimizer, data_loader, accountant). Every
+    ``optimizer.step()`` is accounted (and a new pass or epoch recorded in ``ledger``) before
+    the parameters change.
     """
+    normalizer = check_positive("normalizer", normalizer)
     validate_model(module)
     accountant = AsymflowAccountant(sampler, ledger=ledger, dataset=ledger_dataset)
     privacy_engine.accountant = accountant
@@ -90,7 +96,7 @@ def make_private_with_sampler(
         loss_reduction=loss_reduction,
         noise_generator=noise_generator,
     )
-    private_optimizer.expected_batch_size = sampler.expected_batch_size
+    private_optimizer.expected_batch_size = normalizer
     if not isinstance(private_module, GradSampleModule):  # pragma: no cover - wrap_model=True
         raise TypeError("make_private must return a GradSampleModule")
     return private_module, private_optimizer, private_data, accountant

@@ -71,9 +71,11 @@ class DpsgdConfig:
 
     Sampling: ``sampler="balanced"`` is BIS(k, T) with T = ``steps`` steps per pass (default
     round(k N / batch_size)); ``"poisson"`` uses q (default k/T) for T steps per epoch;
-    ``"shuffle"`` is refused at run time (no certified bound). Either ``sigma`` or
-    ``target_epsilon`` (at ``delta``, for all ``epochs``) must be given. ``clip`` is C (the
-    split part's C with partial splitting), ``shared_clip`` is C_shared (default ``clip``).
+    ``"shuffle"`` is refused at run time (no certified bound). Every update divides the noisy
+    gradient sum by ``batch_size`` (declared, public), never by the expected or the realized
+    batch size. Either ``sigma`` or ``target_epsilon`` (at ``delta``, for all ``epochs``) must
+    be given. ``clip`` is C (the split part's C with partial splitting), ``shared_clip`` is
+    C_shared (default ``clip``).
     ``partition`` is ``none``, ``split:d`` or ``dropout:0.5``; ``shared`` lists parameter-name
     prefixes that every record updates. ``sampler_seed``/``noise_seed`` = None (production)
     draw from the OS's secure source and are never stored; the sampling and the noise must

@@ -6,9 +6,10 @@ One step (Abadi et al., CCS 2016, Alg. 1; Dong, Chen, Ozgur, ICML 2025, Sec. 3 f
 2. Opacus's ``GradSampleModule`` gives the per-sample gradients g_i of CE(f(x_i), y_i);
 3. :func:`asymflow.dpsgd.aggregate.set_private_gradients` masks each g_i to its record's block,
    clips (C, and C_shared for a shared part), sums, adds N(0, sigma^2 C^2) to EVERY coordinate
-   and divides by the fixed expected batch size B_bar = kN/T (BIS) or qN (Poisson). Dividing by
-   a constant is post-processing of the Gaussian mechanism on the sum; the realized |S|, which
-   depends on who is in the data, is never used. An empty batch releases pure noise / B_bar;
+   and divides by the declared ``batch_size`` B. Dividing by a public constant is
+   post-processing of the Gaussian mechanism on the sum. Neither the expected batch size kN/T
+   or qN (it depends on the record count N, private under add/remove) nor the realized |S|
+   (it depends on who is in the data) is used. An empty batch releases pure noise / B;
 4. :class:`asymflow.dpsgd.opacus_accountant.AsymflowAccountant` accounts the step, writing the
    ledger row of a new BIS pass (or Poisson epoch) BEFORE
 5. ``optimizer.step()`` applies the update.
@@ -216,7 +217,7 @@ def private_step(
     accountant: AsymflowAccountant,
     clip: float,
     sigma: float,
-    expected_batch_size: float,
+    normalizer: float,
     generator: torch.Generator,
     shared_clip: float | None = None,
 ) -> None:
@@ -245,7 +246,7 @@ def private_step(
         plan,
         clip=clip,
         sigma=sigma,
-        expected_batch_size=expected_batch_size,
+        normalizer=normalizer,
         generator=generator,
         shared_clip=shared_clip,
     )
@@ -402,7 +403,7 @@ def train_dpsgd(
                             accountant=accountant,
                             clip=config.clip,
                             sigma=sigma,
-                            expected_batch_size=sampler.expected_batch_size,
+                            normalizer=config.batch_size,
                             generator=generator,
                             shared_clip=config.shared_clip,
                         )

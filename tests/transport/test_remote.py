@@ -268,12 +268,20 @@ def test_a_client_without_tls_gives_up_with_unavailable_after_its_retry_budget(s
 
 
 class KillAndRestart:
-    """SIGKILL the server at chosen log lines; a warm spare takes over the same port."""
+    """SIGKILL the server at chosen log lines; a warm spare takes over the same port.
 
-    def __init__(self, keys: KeyFiles, state_dir: Path, kill_at: list[tuple[str, int]]) -> None:
+    ``kill_at`` holds (text, after, count): kill the current process at its first line with
+    ``text`` once ``count`` of its lines contain ``after``. Counting completed calls rather
+    than started ones keeps the kill point fixed when an earlier kill lands late (a call may
+    finish before SIGKILL arrives) and a retried call is first refused by the new process.
+    """
+
+    def __init__(
+        self, keys: KeyFiles, state_dir: Path, kill_at: list[tuple[str, str, int]]
+    ) -> None:
         self.keys = keys
         self.state_dir = state_dir
-        self.kill_at = list(kill_at)  # (log text, occurrence in the current process)
+        self.kill_at = list(kill_at)
         self.killed: list[ServerProcess] = []
         self.lock = threading.Lock()
         self.listen = f"127.0.0.1:{free_port()}"
@@ -292,8 +300,8 @@ class KillAndRestart:
         with self.lock:
             if process is not self.current or not self.kill_at:
                 return
-            text, occurrence = self.kill_at[0]
-            if text not in line or process.count(text) < occurrence:
+            text, after, count = self.kill_at[0]
+            if text not in line or process.count(after) < count:
                 return
             self.kill_at.pop(0)
             process.kill()
@@ -320,7 +328,12 @@ def test_a_killed_server_is_resumed_with_the_same_request_ids_and_no_silent_rele
     # Kill once when the first upload starts, then when the third training call starts on
     # the restarted server (epoch 2, fold 0: it must resume from the persisted epoch-1 state).
     supervisor = KillAndRestart(
-        keys, tmp_path / "state", [("rpc=Upload phase=start", 1), ("rpc=Train phase=start", 3)]
+        keys,
+        tmp_path / "state",
+        [
+            ("rpc=Upload phase=start", "rpc=Upload phase=start", 1),
+            ("rpc=Train phase=start", "rpc=Train phase=done", 2),
+        ],
     )
     run_dir = tmp_path / "run"
     try:

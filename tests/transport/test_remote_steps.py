@@ -88,7 +88,9 @@ def test_a_server_killed_before_a_step_resumes_it_with_the_same_gradients(
 ):
     # Kill when the 5th step is about to be applied (epoch 1, fold 1, second batch), after
     # the gradients left the private side; the spare restores the snapshot of step 4.
-    supervisor = KillAndRestart(keys, tmp_path / "state", [("rpc=StepApply phase=start", 5)])
+    supervisor = KillAndRestart(
+        keys, tmp_path / "state", [("rpc=StepApply phase=start", "rpc=StepApply phase=done", 4)]
+    )
     run_dir = tmp_path / "run"
     try:
         patient = RetryPolicy(deadline=60.0)

@@ -728,32 +728,19 @@ class _Run:
                 ):
                     self.public.forget(uploaded)
                 uploaded = dataset_id
-                folds = self.folds(len(models))
                 if labels is None:
-                    pub_metrics = self.train_public_on_label_gradients(dataset_id, epoch, folds)
+                    pub_metrics = self.train_public_on_label_gradients(dataset_id, epoch)
                 else:
                     pub_metrics = []
-                    for k, model_name in enumerate(models):
-                        pub_metrics.append(
-                            self.public.train(
-                                dataset_id,
-                                c.public_epochs,
-                                batch_size=c.batch_size,
-                                lr=c.public_lr,
-                                seed=c.seed + k,
-                                start_epoch=(epoch - 1) * c.public_epochs,
-                                total_epochs=c.epochs_stage2 * c.public_epochs,
-                                model=model_name,
-                                indices=None if len(models) == 1 else np.flatnonzero(folds != k),
-                            )
-                        )
+                    for fold in self.public_folds(epoch):
+                        pub_metrics.append(self.public.train(dataset_id, **fold))
                         self.bars.batch()
                 row["public_train_loss"] = _mean_of(pub_metrics, "loss")
                 for key in ("acc_on_received_labels", "acc_on_true_labels"):
                     row[f"public_{key}"] = _mean_of(pub_metrics, key)
                 z_test = ensemble_logits(self.public, test_payload, models)
                 if c.variant == "delta":  # post-processing of the release, no new release
-                    z_train = self.out_of_fold_logits(payload, models, folds)
+                    z_train = self.out_of_fold_logits(payload, models, self.folds(len(models)))
             if z_train is not None:  # new z_res: the w-step, then M_main's epoch with that w
                 row.update(self.fit_residual_weight(z_train))
             if c.variant in ("delta", "main-only"):
@@ -785,8 +772,28 @@ class _Run:
         )
         return label_gradient_sigma(c.label_epsilon, c.delta, releases)
 
+    def public_folds(self, epoch: int) -> list[dict[str, Any]]:
+        """The training arguments of each public model in stage-2 epoch ``epoch``: model k
+        trains ``public_epochs`` epochs on the rows outside fold k (all rows with one model)."""
+        c = self.config
+        models = c.public_models
+        folds = self.folds(len(models))
+        return [
+            {
+                "epochs": c.public_epochs,
+                "batch_size": c.batch_size,
+                "lr": c.public_lr,
+                "seed": c.seed + k,
+                "start_epoch": (epoch - 1) * c.public_epochs,
+                "total_epochs": c.epochs_stage2 * c.public_epochs,
+                "model": name,
+                "indices": None if len(models) == 1 else np.flatnonzero(folds != k),
+            }
+            for k, name in enumerate(models)
+        ]
+
     def train_public_on_label_gradients(
-        self, dataset_id: str, epoch: int, folds: np.ndarray
+        self, dataset_id: str, epoch: int
     ) -> list[dict[str, float]]:
         """One stage-2 epoch of every public model on noisy label gradients; the epoch's
         releases are one ledger row, recorded first (a redone epoch records a new one)."""
@@ -803,23 +810,12 @@ class _Run:
         )
         seed = _noise_seed(c, f"label_gradients_epoch{epoch}")
         noise = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+        labels = self.data.train.labels
         out = []
-        for k, name in enumerate(models):
+        for fold in self.public_folds(epoch):
             out.append(
                 train_on_label_gradients(
-                    public,
-                    dataset_id,
-                    self.data.train.labels,
-                    sigma=sigma,
-                    noise=noise,
-                    epochs=c.public_epochs,
-                    batch_size=c.batch_size,
-                    lr=c.public_lr,
-                    seed=c.seed + k,
-                    start_epoch=(epoch - 1) * c.public_epochs,
-                    total_epochs=c.epochs_stage2 * c.public_epochs,
-                    model=name,
-                    indices=None if len(models) == 1 else np.flatnonzero(folds != k),
+                    public, dataset_id, labels, sigma=sigma, noise=noise, **fold
                 )
             )
             self.bars.batch()

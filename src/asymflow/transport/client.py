@@ -383,20 +383,32 @@ class RemotePublic:
             None if rows is None else rows.astype(np.int64),
         )
         request = wire.encode(message)
+        reply = self._on_dataset("Train", request, wire.TrainReply, dataset_id, long=True)
+        self._trained = True
+        self._replay_state = None
+        return dict(reply.metrics)
+
+    def _on_dataset(
+        self,
+        method: str,
+        request: bytes,
+        reply_type: type[wire.M],
+        dataset_id: str,
+        *,
+        long: bool = False,
+    ) -> wire.M:
+        """A session call on an uploaded data set; if the server lost it (a restart), the
+        same recorded payload is uploaded again and the call repeated."""
         for _ in range(3):
             try:
-                reply = self._session_call("Train", request, wire.TrainReply, long=True)
+                return self._session_call(method, request, reply_type, long=long)
             except PublicServerError as err:
                 if err.missing != "dataset" or dataset_id not in self._uploads:
                     raise
                 log.warning("the server lost data set %s; uploading it again", dataset_id)
                 self._send_upload(*self._uploads[dataset_id])
-                continue
-            self._trained = True
-            self._replay_state = None
-            return dict(reply.metrics)
         raise PublicServerError(
-            "Train", grpc.StatusCode.ABORTED, f"the server kept losing data set {dataset_id}"
+            method, grpc.StatusCode.ABORTED, f"the server kept losing data set {dataset_id}"
         )
 
     def step_logits(
@@ -419,20 +431,10 @@ class RemotePublic:
         return self._step_logits(model, dataset_id)
 
     def _step_logits(self, model: str, dataset_id: str) -> Tensor:
-        for _ in range(3):
-            try:
-                reply = self._session_call("StepLogits", self._steps[model], wire.LogitsReply)
-            except PublicServerError as err:
-                if err.missing != "dataset" or dataset_id not in self._uploads:
-                    raise
-                log.warning("the server lost data set %s; uploading it again", dataset_id)
-                self._send_upload(*self._uploads[dataset_id])
-                continue
-            self.server_seconds += reply.seconds
-            return torch.from_numpy(reply.logits)
-        raise PublicServerError(
-            "StepLogits", grpc.StatusCode.ABORTED, f"the server kept losing data set {dataset_id}"
-        )
+        request = self._steps[model]
+        reply = self._on_dataset("StepLogits", request, wire.LogitsReply, dataset_id)
+        self.server_seconds += reply.seconds
+        return torch.from_numpy(reply.logits)
 
     def step_apply(self, gradients: NoisyLabelGradients, *, model: str = DEFAULT_MODEL) -> None:
         """Send the released gradients of ``model``'s pending batch for one optimizer step.

@@ -132,6 +132,23 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def check_training_noise(
+    given: Mapping[str, Any], samplers: tuple[str, ...], shuffle_hint: str
+) -> None:
+    """The sampler and noise options of ``dpsgd train`` / ``fl run``: shuffle is refused
+    (``shuffle_hint`` says what to use instead), and exactly one of --sigma and
+    --target-epsilon is given."""
+    if given.get("sampler") == "shuffle":
+        raise CliInputError(f"--sampler shuffle has no certified ε{shuffle_hint}")
+    if "sampler" in given:
+        check_choice("--sampler", given["sampler"], samplers)
+    if ("sigma" in given) == ("target_epsilon" in given):
+        raise CliInputError(
+            "give exactly one of --sigma (noise multiplier > 0) and --target-epsilon "
+            f"(> 0), got {'both' if 'sigma' in given else 'neither'}"
+        )
+
+
 def parse_int_list(name: str, text: str) -> tuple[int, ...]:
     """``"8,16"`` -> ``(8, 16)``: a comma-separated list of integers >= 1."""
     try:

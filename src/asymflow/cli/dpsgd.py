@@ -21,6 +21,7 @@ from asymflow.cli.common import (
     CliInputError,
     JsonOpt,
     check_choice,
+    check_training_noise,
     emit_json,
     errors,
     fmt,
@@ -276,18 +277,12 @@ def _train_config(given: dict[str, Any], out: Path, resume: bool) -> DpsgdConfig
     from asymflow.dpsgd.runs import CONFIG_FILE, DpsgdConfig, read_config
 
     if not (out / CONFIG_FILE).is_file():
-        if given.get("sampler") == "shuffle":
-            raise CliInputError(
-                "--sampler shuffle has no certified ε for DP-SGD (Chua et al. 2024); use "
-                "--sampler balanced --k 1 for the same batch structure with a certified bound"
-            )
-        if "sampler" in given:
-            check_choice("--sampler", given["sampler"], SAMPLERS)
-        if ("sigma" in given) == ("target_epsilon" in given):
-            raise CliInputError(
-                "give exactly one of --sigma (noise multiplier > 0) and --target-epsilon "
-                f"(> 0), got {'both' if 'sigma' in given else 'neither'}"
-            )
+        check_training_noise(
+            given,
+            SAMPLERS,
+            " for DP-SGD (Chua et al. 2024); use --sampler balanced --k 1 for the same batch "
+            "structure with a certified bound",
+        )
         return DpsgdConfig(**given)
     if not resume:
         raise CliInputError(

@@ -17,9 +17,8 @@ from rich.table import Table
 
 from asymflow.cli.common import (
     DATA_HINTS,
-    CliInputError,
     JsonOpt,
-    check_choice,
+    check_training_noise,
     emit_json,
     errors,
     fmt,
@@ -136,18 +135,11 @@ def _config(ctx: typer.Context) -> Any:
         for name, value in ctx.params.items()
         if value is not None and name not in _NOT_CONFIG
     }
-    if given.get("sampler") == "shuffle":
-        raise CliInputError(
-            "--sampler shuffle has no certified client-level ε; use --sampler balanced "
-            "(k of every T rounds) or poisson"
-        )
-    if "sampler" in given:
-        check_choice("--sampler", given["sampler"], SAMPLERS)
-    if ("sigma" in given) == ("target_epsilon" in given):
-        raise CliInputError(
-            "give exactly one of --sigma (noise multiplier > 0) and --target-epsilon "
-            f"(> 0), got {'both' if 'sigma' in given else 'neither'}"
-        )
+    check_training_noise(
+        given,
+        SAMPLERS,
+        " at client level; use --sampler balanced (k of every T rounds) or poisson",
+    )
     from asymflow.federated import FederatedConfig
 
     return FederatedConfig(**given)

@@ -31,7 +31,6 @@ import secrets
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +91,7 @@ from asymflow.delta.runs import (
 )
 from asymflow.delta.sanitize import SanitizedResidual
 from asymflow.models import Backbone, build_private_model, count_macs, original_model, public_model
+from asymflow.threads import torch_threads
 
 __all__ = [
     "DeltaConfig",
@@ -274,16 +274,6 @@ class _Bars:
     def epoch_done(self, info: str) -> None:
         if self.epochs is not None:
             self.progress.update(self.epochs, advance=1, info=info)
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _generator(seed: int, stage: int, epoch: int, stream: int = 0) -> torch.Generator:
@@ -988,7 +978,7 @@ def train_delta(
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, config)
-    with _threads(config.threads), _Bars(progress, run_dir.name or config.variant) as bars:
+    with torch_threads(config.threads), _Bars(progress, run_dir.name or config.variant) as bars:
         run = _Run(config, run_dir, public, bars)
         try:
             found = latest_checkpoint(run_dir) if resume else None

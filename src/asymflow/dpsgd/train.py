@@ -36,8 +36,7 @@ import os
 import secrets
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +80,7 @@ from asymflow.dpsgd.runs import (
     truncate_metrics,
 )
 from asymflow.models import build_model
+from asymflow.threads import torch_threads
 
 __all__ = ["DpsgdResult", "calibrated_sigma", "private_step", "train_dpsgd"]
 
@@ -156,16 +156,6 @@ class _Bars:
     def epoch_done(self, info: str) -> None:
         if self.epoch_task is not None:
             self.progress.update(self.epoch_task, advance=1, info=info)
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def calibrated_sigma(
@@ -324,7 +314,7 @@ def train_dpsgd(
     run_path = Path(run_dir)
     _check_resumable(run_path, config, resume)
     began = time.perf_counter()
-    with _threads(config.threads):
+    with torch_threads(config.threads):
         data = load_data(config.data, progress=progress)
         train_set, test_set = data.tensor_datasets(augment=config.augment, seed=config.seed)
         n = len(train_set)

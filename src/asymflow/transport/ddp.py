@@ -149,15 +149,7 @@ class DistributedPublic(LocalPublic):
             raise ValueError(f"nproc_per_node must be an integer >= 1, got {nproc_per_node!r}")
         if nproc_per_node < 1:
             raise ValueError(f"nproc_per_node must be an integer >= 1, got {nproc_per_node}")
-        super().__init__(
-            spec.factory(),
-            momentum=spec.momentum,
-            weight_decay=spec.weight_decay,
-            augment=spec.augment,
-            flip=spec.flip,
-            correct_label_noise=spec.correct_label_noise,
-            eval_batch_size=spec.eval_batch_size,
-        )
+        super().__init__(spec.factory(), **spec.public_options())
         self.spec = spec
         self.nproc_per_node = nproc_per_node
         self.device = "cuda" if torch.cuda.device_count() >= nproc_per_node else "cpu"

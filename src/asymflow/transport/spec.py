@@ -132,17 +132,20 @@ class PublicSpec:
 
         return build
 
+    def public_options(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`LocalPublic` (and its subclasses) for this spec."""
+        return {
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "augment": self.augment,
+            "flip": self.flip,
+            "correct_label_noise": self.correct_label_noise,
+            "eval_batch_size": self.eval_batch_size,
+        }
+
     def make_public(self) -> LocalPublic:
         """A fresh in-process public side for this spec."""
-        return LocalPublic(
-            self.factory(),
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            augment=self.augment,
-            flip=self.flip,
-            correct_label_noise=self.correct_label_noise,
-            eval_batch_size=self.eval_batch_size,
-        )
+        return LocalPublic(self.factory(), **self.public_options())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (inverse of :meth:`from_dict`)."""

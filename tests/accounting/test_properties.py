@@ -11,6 +11,7 @@ from asymflow.accounting import (
     PldAccountant,
     RdpAccountant,
     SelfComposed,
+    balanced_rdp,
     best_epsilon,
 )
 from asymflow.accounting.montecarlo import MonteCarloAccountant
@@ -28,7 +29,11 @@ def bis(k: int, T: int, sigma: float, epochs: int = 1):
 
 @FAST
 @given(sigma=sigmas, T=steps, data=st.data())
-def test_rdp_epsilon_rises_with_k_and_epochs_and_falls_with_sigma(sigma, T, data):
+def test_rdp_epsilon_rises_with_epochs_and_falls_with_sigma(sigma, T, data):
+    # Not asserted in k: for k > 1 the remove direction is exact where the profile program
+    # finishes and a block relaxation elsewhere, so the *bound* at k + 1 may come from a finer
+    # structure than the one at k and sit below it (both are valid upper bounds; the exact
+    # moments themselves rise with k, see test_exact_remove_moments_rise_with_k).
     k = data.draw(st.integers(min_value=1, max_value=T - 1))
     epochs = data.draw(st.integers(min_value=1, max_value=20))
 
@@ -36,9 +41,19 @@ def test_rdp_epsilon_rises_with_k_and_epochs_and_falls_with_sigma(sigma, T, data
         return RdpAccountant().compose(bis(k_, T, sigma_, epochs_)).epsilon(1e-5)
 
     base = eps(k, sigma, epochs)
-    assert eps(k + 1, sigma, epochs) >= base - 1e-12
     assert eps(k, sigma, epochs + 1) >= base - 1e-12
     assert eps(k, sigma * 1.1, epochs) <= base + 1e-12
+
+
+@FAST
+@given(sigma=sigmas, T=st.integers(min_value=3, max_value=60), data=st.data())
+def test_exact_remove_moments_rise_with_k(sigma, T, data):
+    # Coupling: add one more uniform element to each subset; pairwise overlaps only grow.
+    k = data.draw(st.integers(min_value=1, max_value=T - 1))
+    low = balanced_rdp.profile_log_moments(T, k, sigma, 4)
+    high = balanced_rdp.profile_log_moments(T, k + 1, sigma, 4)
+    for a in range(2, min(len(low), len(high))):
+        assert high[a] >= low[a] - 1e-12
 
 
 @SLOW

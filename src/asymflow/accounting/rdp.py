@@ -4,9 +4,12 @@
 - Randomized response (pure eps-DP): min(eps, alpha eps^2/2), Bun & Steinke 2016, Prop. 3.3.
 - Poisson-subsampled Gaussian: Mironov, Talwar, Zhang 2019 (via dp_accounting); it bounds both
   directions.
-- Balanced (k of T) and model partitioning: k compositions of 1-of-floor(T/k) allocation
-  (Feldman & Shenfeld 2502.08202, Lemma 3.2); 1-of-n remove direction exact
-  (:func:`allocation.remove_rdp`), add direction by quadrature (:func:`allocation.add_rdp`).
+- Balanced (k of T), remove direction: exact integer-order moments by the overlap-profile
+  program of :mod:`balanced_rdp` where it finishes, else a block relaxation that is never above
+  the k-fold reduction. Add direction and model partitioning: k compositions of
+  1-of-floor(T/k) allocation (Feldman & Shenfeld 2502.08202, Lemma 3.2); 1-of-n remove
+  direction exact (:func:`allocation.remove_rdp`), add direction by quadrature
+  (:func:`allocation.add_rdp`).
 - Poisson-subsampled partitioned step: remove direction exact by the binomial expansion
   E_Q[(1 - q + qL)^alpha] = sum_l C(alpha, l) (1-q)^(alpha-l) q^l E_Q[L^l]; add direction by
   quadrature of E_Q[(1 - q + qL)^(1-alpha)].
@@ -31,7 +34,7 @@ from dp_accounting import dp_event as dpe
 from dp_accounting.rdp import rdp_privacy_accountant as dp_rdp
 from scipy import special
 
-from asymflow.accounting import allocation
+from asymflow.accounting import allocation, balanced_rdp
 from asymflow.accounting.accountant import Accountant
 from asymflow.accounting.events import (
     BalancedSampled,
@@ -108,6 +111,25 @@ def _poisson_joint_rdp(
     return _rdp_from_cumulants(remove, orders), _rdp_from_cumulants(add, orders)
 
 
+def _balanced_rdp(
+    steps: int, k: int, sigma: float, orders: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(remove, add) RDP of one k-of-T pass, k > 1.
+
+    Remove: the exact integer-order moments of :mod:`balanced_rdp` where its profile program
+    finishes, else its best block relaxation, never above the k-fold reduction. Add: the
+    reduction, k x add RDP of 1-of-floor(T/k) (a certified upper bound; no exact add-direction
+    method for k > 1 is known to us).
+    """
+    top = int(np.ceil(orders.max()))
+    if steps == k:
+        gaussian = orders * k / (2 * sigma**2)
+        return gaussian, gaussian
+    remove, _ = balanced_rdp.log_moments_remove(steps, k, sigma, top)
+    add = k * allocation.add_log_moments(steps // k, sigma, top)
+    return _rdp_from_cumulants(remove, orders), _rdp_from_cumulants(add, orders)
+
+
 class RdpAccountant(Accountant):
     """RDP accountant; each leaf contributes a (remove, add) pair of RDP curves."""
 
@@ -159,6 +181,8 @@ class RdpAccountant(Accountant):
         if isinstance(event, BalancedSampled):
             assert isinstance(event.event, Gaussian)
             n, k, sigma = event.steps // event.k, event.k, event.event.sigma
+            if k > 1:
+                return _balanced_rdp(event.steps, k, sigma, orders)
         else:
             (n, sigma), k = allocation_of(event), 1  # type: ignore[misc]
         remove, add = _allocation_rdp(n, sigma, 1.0, orders)

@@ -36,6 +36,7 @@ def tiny_config(**changes: Any) -> DeltaConfig:
         batch_size=32,
         eval_batch_size=64,
         noise_seed=0,
+        release="once",
     )
     return base.replace(**changes)
 

@@ -314,7 +314,7 @@ def test_fitted_trust_weight_never_raises_the_training_loss(delta_and_main):
         assert len(rows) == 2
         for row in rows:
             assert row["residual_weight"] >= 0.0
-            assert row["train_loss_combined"] <= row["train_loss_main_only"] + 1e-12
+            assert row["holdout_loss_combined"] <= row["holdout_loss_main_only"] + 1e-12
         assert delta.residual_weight == pytest.approx(rows[-1]["residual_weight"])
         assert read_result(delta.run_dir)["residual_weight"] == delta.residual_weight
 

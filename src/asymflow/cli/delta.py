@@ -308,9 +308,54 @@ def delta_train(
     release: Annotated[
         str | None,
         typer.Option(
-            metavar="[once|per-epoch]",
-            help="Release the residuals once (cached) or every stage-2 epoch. \\[default: once]",
+            metavar="[once|per-epoch|padded]",
+            help="Release the residuals of the un-augmented images once (cached), of a fresh "
+            "augmented view every stage-2 epoch, or in padded slots: each record in exactly "
+            "--sample-k of the stage-2 epochs, pure noise in the others (accounted as "
+            "balanced sampling). \\[default: per-epoch]",
             rich_help_panel=PRIVACY,
+        ),
+    ] = None,
+    sample_k: Annotated[
+        int | None,
+        typer.Option(
+            help="With --release padded: epochs in which each record's slot carries its "
+            "residual, 1 <= k <= --epochs-stage2. \\[default: 1]",
+            rich_help_panel=PRIVACY,
+        ),
+    ] = None,
+    slots: Annotated[
+        int | None,
+        typer.Option(
+            help="With --release padded: slots per epoch, a public constant >= the record "
+            "count (0: the record count, then treated as public). \\[default: 0]",
+            rich_help_panel=PRIVACY,
+        ),
+    ] = None,
+    payload: Annotated[
+        str | None,
+        typer.Option(
+            metavar="[full|channel-mean]",
+            help="What is released: the c x h x w residual, or its 1 x h x w mean over "
+            "channels (same clip and noise, fewer dimensions). \\[default: full]",
+            rich_help_panel=PRIVACY,
+        ),
+    ] = None,
+    combine: Annotated[
+        str | None,
+        typer.Option(
+            metavar="[weighted|sum]",
+            help="Prediction: z_main + w log_softmax(z_res) with w >= 0 fitted on held-out "
+            "rows, or the plain sum z_main + z_res. \\[default: weighted]",
+            rich_help_panel=TRAINING,
+        ),
+    ] = None,
+    holdout: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of training rows no private model trains on (w is fitted there), "
+            "0 <= holdout <= 0.5 (> 0 with --combine weighted). \\[default: 0.1]",
+            rich_help_panel=TRAINING,
         ),
     ] = None,
     seed: Annotated[

@@ -38,6 +38,7 @@ from asymflow.delta.train import (
     build_private,
     build_public_factory,
     load_run_data,
+    payload_view,
 )
 
 __all__ = ["DeltaSystem", "evaluate_run", "infer", "load_system"]
@@ -211,7 +212,7 @@ def _batch_logits(
     release = system.mechanism.record_release(
         ledger, dataset=dataset, scope=f"{scope_prefix}:{index}", note="query release"
     )
-    leaving = model.ir(x) if variant == "naive-dp" else dec.residual
+    leaving = payload_view(model.ir(x) if variant == "naive-dp" else dec.residual, system.config)
     payload = system.mechanism.sanitize(leaving, release)
     z_res = ensemble_logits(system.public, payload, system.config.public_models)
     release.done()

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
-from asymflow.accounting.events import Event, NonPrivate
+from asymflow.accounting.events import BalancedSampled, Event, NonPrivate, PoissonSampled
 from asymflow.accounting.gaussian import gaussian_sigma_for_epsilon
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.delta.decompose import Decomposition, block_dct_low, decompose, top_singular
@@ -102,6 +102,8 @@ def mechanism_for_event(event: Event, clip: float, *, seed: int | None = None) -
     """Rebuild the mechanism of a recorded release (e.g. for inference queries)."""
     if isinstance(event, NonPrivate):
         return SignQuantizer()
+    if isinstance(event, BalancedSampled | PoissonSampled):
+        event = event.event  # a padded pass: each query is one Gaussian release
     sigma = getattr(event, "sigma", None)
     if sigma is None:
         raise ValueError(f"event must be Gaussian or NonPrivate, got {event!r}")

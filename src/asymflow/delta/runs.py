@@ -48,9 +48,11 @@ from asymflow.runfiles import write_config as _write_config
 
 __all__ = [
     "CKPT_DIR",
+    "COMBINE_MODES",
     "CONFIG_FILE",
     "LABEL_MODES",
     "METRICS_FILE",
+    "PAYLOADS",
     "PREVIEW_FILE",
     "RELEASE_MODES",
     "RESULT_FILE",
@@ -80,7 +82,9 @@ CKPT_DIR = "ckpt"
 
 VARIANTS: tuple[str, ...] = ("delta", "original", "main-only", "naive-dp")
 LABEL_MODES: tuple[str, ...] = ("rr", "grad", "clear")
-RELEASE_MODES: tuple[str, ...] = ("once", "per-epoch")
+RELEASE_MODES: tuple[str, ...] = ("once", "per-epoch", "padded")
+PAYLOADS: tuple[str, ...] = ("full", "channel-mean")
+COMBINE_MODES: tuple[str, ...] = ("weighted", "sum")
 
 _CKPT_NAME = re.compile(r"^stage([12])_epoch(\d+)\.pt$")
 
@@ -108,6 +112,23 @@ class DeltaConfig:
     Wolpert 1992): z_res of a model on its own training rows is memorized and would teach
     M_main to trust it more than it deserves on new data; at test time z_res is their mean.
     ``public_epochs``: epochs of M_res per stage-2 epoch (the public side is the fast one).
+
+    ``release`` says which views of the training images leave, and M_main's stage 2 trains on
+    exactly those views, so that each z_res is added to the z_main of the same input:
+    ``"once"``: the un-augmented images, released once (cached, as in the paper);
+    ``"per-epoch"``: a fresh augmented view of every image in every stage-2 epoch (the
+    reference code's protocol), ``epochs_stage2`` releases per record calibrated jointly;
+    ``"padded"``: a fresh view per epoch in ``slots`` padded slots, each record's slot carrying
+    its residual in exactly ``sample_k`` of the ``epochs_stage2`` epochs and pure noise in the
+    others (:mod:`asymflow.delta.padded`), accounted as balanced sampling. ``slots`` = 0 uses
+    the training-set size, which is then treated as public.
+    ``payload``: ``"full"`` releases the c x h x w residual, ``"channel-mean"`` its 1 x h x w
+    mean over channels (what the reference code sends): the same clip and noise, fewer
+    dimensions. ``combine``: ``"weighted"`` predicts z_main + w log_softmax(z_res) with w >= 0
+    fitted on the ``holdout`` rows; ``"sum"`` fixes w = 1, i.e. the plain sum z_main + z_res
+    (log_softmax shifts a sample's logits by a constant), M_main trained on the combined loss.
+    ``holdout``: the fraction of training rows that no private model trains on (either stage,
+    every variant), on which w is fitted, so that both heads are out of sample there.
     ``noise_seed=None`` draws the sanitizer and randomized-response noise from the OS's
     secure source; a fixed value makes the run reproducible (tests only).
     """
@@ -144,6 +165,11 @@ class DeltaConfig:
     label_epsilon: float = 2.0
     labels: str = "rr"
     release: str = "once"
+    sample_k: int = 1
+    slots: int = 0
+    payload: str = "full"
+    combine: str = "weighted"
+    holdout: float = 0.1
     seed: int = 0
     noise_seed: int | None = None
     threads: int = 1
@@ -152,6 +178,8 @@ class DeltaConfig:
         check_choice("variant", self.variant, VARIANTS)
         check_choice("labels", self.labels, LABEL_MODES)
         check_choice("release", self.release, RELEASE_MODES)
+        check_choice("payload", self.payload, PAYLOADS)
+        check_choice("combine", self.combine, COMBINE_MODES)
         check_choice("public_arch", self.public_arch, tuple(ARCHS))
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"data must be a data spec such as 'digits', got {self.data!r}")
@@ -164,6 +192,25 @@ class DeltaConfig:
         check_int("threads", self.threads, 1)
         check_int("public_folds", self.public_folds, 1)
         check_int("public_epochs", self.public_epochs, 1)
+        check_int("slots", self.slots, 0)
+        check_int("sample_k", self.sample_k, 1)
+        if self.release == "padded":
+            if self.sample_k > max(1, self.epochs_stage2):
+                raise ValueError(
+                    "sample_k must satisfy 1 <= sample_k <= epochs_stage2="
+                    f"{self.epochs_stage2}, got sample_k={self.sample_k}"
+                )
+            if self.labels == "grad":
+                raise ValueError(
+                    "labels must be 'rr' or 'clear' with release='padded' (a padded slot "
+                    "carries its record's label release), got labels='grad'"
+                )
+        holdout = check_bounded_number("holdout", self.holdout, low=0, high=0.5)
+        if self.combine == "weighted" and self.variant == "delta" and holdout == 0:
+            raise ValueError(
+                "holdout must satisfy 0 < holdout <= 0.5 with combine='weighted' (w is fitted "
+                "on held-out rows), got holdout=0"
+            )
         if self.public_folds > 10:
             raise ValueError(
                 f"public_folds must satisfy 1 <= public_folds <= 10, got {self.public_folds}"
@@ -205,6 +252,11 @@ class DeltaConfig:
         clip = check_bounded_number("clip", self.clip, low=0, high=math.inf)
         if not (0 < clip < math.inf):
             raise ValueError(f"clip must be a finite number > 0, got clip={clip}")
+        if self.release == "padded" and math.isinf(eps):
+            raise ValueError(
+                "epsilon must be finite with release='padded' (padding hides who is sampled "
+                "behind noise), got epsilon=inf"
+            )
         label_eps = check_bounded_number("label_epsilon", self.label_epsilon, low=0, high=math.inf)
         if not (0 < label_eps < math.inf):
             raise ValueError(
@@ -228,7 +280,7 @@ class DeltaConfig:
         """Number of releases of each training record's residual (1, or one per epoch)."""
         if not self.releases_residual:
             return 0
-        return max(1, self.epochs_stage2) if self.release == "per-epoch" else 1
+        return 1 if self.release == "once" else max(1, self.epochs_stage2)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields; infinities are written as the string ``"inf"``."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asymflow.accounting.events import Event, Gaussian
+from asymflow.accounting.events import BalancedSampled, Event, Gaussian, PoissonSampled
 from asymflow.accounting.ledger import PrivacyLedger
 
 WIRE_VERSION = 1
@@ -70,13 +70,45 @@ class Sanitizer:
 
     With ``seed=None`` (production) the noise generator is seeded from the operating system's
     cryptographically secure source (``secrets``); tests pass a fixed seed.
+
+    A per-record release is not inside a noisy sum, so subsampling alone does not amplify it
+    (against D' = D minus x, a sampled record's element cannot exist without x: delta >= q).
+    ``sampling`` (the Gaussian's :class:`PoissonSampled` or :class:`BalancedSampled` wrapper)
+    is therefore accepted only with ``padded_slots``, the public number of slots of a padded
+    release (:mod:`asymflow.delta.padded`), where it is the exact per-slot event.
     """
 
-    def __init__(self, clip: float, sigma: float, *, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        clip: float,
+        sigma: float,
+        *,
+        seed: int | None = None,
+        sampling: PoissonSampled | BalancedSampled | None = None,
+        padded_slots: int | None = None,
+    ) -> None:
         if not (math.isfinite(clip) and clip > 0):
             raise ValueError(f"clip must be a finite number > 0, got clip={clip}")
         self.clip = float(clip)
-        self.event = Gaussian(sigma)  # validates sigma
+        gaussian = Gaussian(sigma)  # validates sigma
+        self.event: Event = gaussian
+        if sampling is not None:
+            if padded_slots is None:
+                raise ValueError(
+                    "sampling must be None for an unpadded release: subsampling does not "
+                    "amplify a per-record release (delta >= q); pad it (padded_slots) or "
+                    "account it as a Gaussian release"
+                )
+            if not isinstance(sampling, PoissonSampled | BalancedSampled) or (
+                sampling.event != gaussian
+            ):
+                raise ValueError(
+                    f"sampling must be PoissonSampled or BalancedSampled of Gaussian({sigma}), "
+                    f"got {sampling!r}"
+                )
+            self.event = sampling
+        elif padded_slots is not None:
+            raise ValueError("padded_slots must come with a sampling event, got sampling=None")
         self.sigma = float(sigma)
         self._gen = torch.Generator().manual_seed(
             secrets.randbits(63) if seed is None else int(seed)

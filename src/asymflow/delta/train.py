@@ -60,9 +60,12 @@ from asymflow.delta.label_steps import (
     train_on_label_gradients,
 )
 from asymflow.delta.labels import NoisyLabels, release_labels
+from asymflow.delta.padded import SlotPlan, padded_chunks, padded_event, padded_sigma, slot_labels
 from asymflow.delta.private import (
     PrivateModel,
+    ReleaseMechanism,
     calibrated_sigma,
+    concat_released,
     make_mechanism,
     release_tensors,
 )
@@ -89,7 +92,7 @@ from asymflow.delta.runs import (
     truncate_metrics,
     write_config,
 )
-from asymflow.delta.sanitize import SanitizedResidual
+from asymflow.delta.sanitize import Release, SanitizedResidual, Sanitizer
 from asymflow.models import Backbone, build_private_model, count_macs, original_model, public_model
 from asymflow.threads import torch_threads
 
@@ -146,15 +149,36 @@ def build_private(config: DeltaConfig, in_channels: int, num_classes: int) -> Pr
 
 
 def build_public_factory(config: DeltaConfig, num_classes: int) -> Callable[[], nn.Module]:
-    """A zero-argument factory of M_res: ``public_arch`` without its stem, on ir_channels."""
+    """A zero-argument factory of M_res: ``public_arch`` without its stem, on the payload's
+    channels (ir_channels, or 1 for ``payload="channel-mean"``)."""
+    channels = 1 if config.payload == "channel-mean" else config.ir_channels
 
     def factory() -> nn.Module:
         torch.manual_seed(config.seed + 1)
-        return public_model(
-            config.public_arch, config.ir_channels, num_classes, width=config.public_width
-        )
+        return public_model(config.public_arch, channels, num_classes, width=config.public_width)
 
     return factory
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of ``n``: a seeded ``fraction`` is held out from every
+    private model (at least one row if ``fraction`` > 0), both sorted."""
+    held = min(n - 1, math.ceil(fraction * n)) if fraction > 0 else 0
+    order = np.random.default_rng([seed, 0x401D]).permutation(n)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def payload_view(tensor: Tensor, config: DeltaConfig) -> Tensor:
+    """The (B, c, h, w) tensor that leaves, or its (B, 1, h, w) mean over channels with
+    ``payload="channel-mean"``."""
+    return tensor.mean(1, keepdim=True) if config.payload == "channel-mean" else tensor
+
+
+@torch.no_grad()
+def leaving_tensor(model: PrivateModel, x: Tensor, config: DeltaConfig) -> Tensor:
+    """What the sanitizer gets for images ``x``: the residual X - main (delta) or the whole IR
+    X (naive-dp), through :func:`payload_view`."""
+    return payload_view(model.ir(x) if config.variant == "naive-dp" else model.residual(x), config)
 
 
 def build_original(config: DeltaConfig, in_channels: int, num_classes: int) -> nn.Module:
@@ -377,11 +401,11 @@ class _Run:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.padding = max(1, self.data.train.image_shape[0] // 8)
-        self.train_plain = TensorImageDataset(self.data.train, train=False, mean=mean, std=std)
         self.test = TensorImageDataset(self.data.test, train=False, mean=mean, std=std)
         self.test_labels = torch.from_numpy(self.data.test.labels)
         self.n_train = len(self.data.train)
-        self.steps = math.ceil(self.n_train / config.batch_size)
+        self.fit_rows, self.held_rows = holdout_split(self.n_train, config.holdout, config.seed)
+        self.steps = math.ceil(len(self.fit_rows) / config.batch_size)
         h, w, c = self.data.train.image_shape
         self.in_channels, self.height, self.width = c, h, w
         if config.variant == "original":
@@ -547,7 +571,7 @@ class _Run:
             self.model.train()
             loss_sum, correct = 0.0, 0
             self.bars.start_batches(f"epoch {epoch}", self.steps)
-            order = _order(self.n_train, c.seed, 1, epoch)
+            order = self.fit_rows[_order(len(self.fit_rows), c.seed, 1, epoch)]
             for i in range(self.steps):
                 idx = order[i * c.batch_size : (i + 1) * c.batch_size]
                 x, y = self.train_batch(idx, gen)
@@ -566,8 +590,8 @@ class _Run:
                 "stage": 1,
                 "epoch": epoch,
                 "global_epoch": epoch,
-                "train_loss": loss_sum / self.n_train,
-                "train_acc": correct / self.n_train,
+                "train_loss": loss_sum / len(self.fit_rows),
+                "train_acc": correct / len(self.fit_rows),
                 "lr": float(sched.get_last_lr()[0]),
             }
             if isinstance(self.model, PrivateModel):
@@ -586,29 +610,53 @@ class _Run:
 
     # -------------------------------------------------------------- stage 2 releases
 
-    def release_source(self, split: TensorImageDataset) -> Iterator[Tensor]:
-        """Lazily the tensors that leave: residuals (delta) or the whole IR (naive-dp)."""
+    def epoch_views(self, epoch: int) -> Tensor:
+        """The normalized training images of stage-2 epoch ``epoch`` (N, C, H, W): a fresh
+        augmented view of every image, except for a residual released once (then the
+        un-augmented images, whose residual it is). The release of the epoch and M_main's
+        epoch use these same views, so each z_res is added to the z_main of its own input."""
+        c = self.config
+        x = torch.from_numpy(self.data.train.images).permute(0, 3, 1, 2).float() / 255.0
+        if c.augment and not (c.releases_residual and c.release == "once"):
+            gen = _generator(c.seed, 2, epoch, stream=2)
+            x = augment_batch(x, gen, padding=self.padding, flip=c.flip)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def leaving(self, x: Tensor) -> Tensor:
+        """What the sanitizer gets for images ``x``: the residual (delta) or the whole IR
+        (naive-dp), or its mean over channels with ``payload="channel-mean"``."""
+        return leaving_tensor(self.model, x, self.config)
+
+    def chunked(self, views: Tensor) -> Iterator[Tensor]:
+        """Lazily :meth:`leaving` of ``views``, in row order."""
         assert isinstance(self.model, PrivateModel)
         self.model.eval()
-        for idx in _chunks(len(split), self.config.eval_batch_size):
-            x, _ = split.get_batch(idx)
-            with torch.no_grad():
-                if self.config.variant == "naive-dp":
-                    yield self.model.ir(x)
-                else:
-                    yield self.model.residual(x)
+        for idx in _chunks(len(views), self.config.eval_batch_size):
+            yield self.leaving(views[torch.from_numpy(idx)])
 
     def sigma(self) -> float:
         """Noise multiplier of the residual releases (0 for epsilon = inf)."""
         c = self.config
         if math.isinf(c.epsilon):
             return 0.0
+        if c.release == "padded":
+            return padded_sigma(float(c.epsilon), float(c.delta), c.sample_k, c.epochs_stage2)
         return calibrated_sigma(float(c.epsilon), float(c.delta), c.residual_releases)
 
-    def residuals(
-        self, name: str, split: TensorImageDataset, dataset: str, scope: str
-    ) -> SanitizedResidual:
-        """The released payload ``name``: from the cache, or released now (ledger row first).
+    def mechanism(self, name: str) -> ReleaseMechanism:
+        """The sanitizer of release ``name``; a padded run's queries and test set are plain
+        Gaussian releases at the pass's sigma."""
+        c = self.config
+        if c.release == "padded":
+            return Sanitizer(c.clip, self.sigma(), seed=_noise_seed(c, name))
+        return make_mechanism(
+            c.epsilon, c.delta, c.clip, releases=c.residual_releases, seed=_noise_seed(c, name)
+        )
+
+    def residuals(self, name: str, views: Tensor, dataset: str, scope: str) -> SanitizedResidual:
+        """The released payload ``name`` of ``views``: from the cache, or released now (ledger
+        row first).
 
         A release whose payload was not saved (crash in between) is released again under a
         new ledger row: the ledger may over-count, never under-count.
@@ -616,24 +664,79 @@ class _Run:
         arrays = self.cached(name)
         if arrays is not None:
             return _payload_from(arrays)
-        c = self.config
-        mechanism = make_mechanism(
-            c.epsilon,
-            c.delta,
-            c.clip,
-            releases=c.residual_releases,
-            seed=_noise_seed(c, name),
-        )
-        what = "IR" if c.variant == "naive-dp" else "residual"
+        what = "IR" if self.config.variant == "naive-dp" else "residual"
         payload, release = release_tensors(
-            mechanism,
-            self.release_source(split),
+            self.mechanism(name),
+            self.chunked(views),
             ledger=self.ledger,
             dataset=dataset,
             scope=scope,
             note=f"{what} release ({name})",
         )
         self.keep(name, _payload_arrays(payload, release.row_id))
+        release.done()
+        return payload
+
+    def slot_plan(self) -> SlotPlan:
+        """The padded run's slot plan: from the run directory, or drawn now after the pass's
+        ledger row BalancedSampled(k, T, Gaussian(sigma)) is recorded."""
+        plan = SlotPlan.load(self.run_dir)
+        if plan is not None:
+            return plan
+        c = self.config
+        what = "IR" if c.variant == "naive-dp" else "residual"
+        row = self.ledger.record(
+            padded_event(self.sigma(), c.sample_k, c.epochs_stage2),
+            dataset=c.data,
+            scope="train",
+            note=f"{what} release (padded slots, {c.epochs_stage2} epochs)",
+        )
+        slots = c.slots or self.n_train
+        plan = SlotPlan.draw(
+            self.n_train, slots, c.sample_k, c.epochs_stage2, row, _noise_seed(c, "slots")
+        )
+        plan.save(self.run_dir)
+        return plan
+
+    def padded_residuals(self, epoch: int, views: Tensor) -> SanitizedResidual:
+        """Epoch ``epoch`` of the padded release (:mod:`asymflow.delta.padded`), covered by
+        the pass's ledger row. An epoch whose release began before a crash and was not saved
+        is released again only after a new Gaussian(sigma) row for it (an over-count)."""
+        name = f"train_epoch{epoch}"
+        arrays = self.cached(name)
+        if arrays is not None:
+            return _payload_from(arrays)
+        c = self.config
+        plan = self.slot_plan()
+        sigma = self.sigma()
+        if epoch in plan.started:
+            self.ledger.record(
+                Gaussian(sigma),
+                dataset=c.data,
+                scope="train",
+                note=f"residual release (padded epoch {epoch}, again after a restart)",
+            )
+        plan.with_started(epoch).save(self.run_dir)
+        mechanism = Sanitizer(
+            c.clip,
+            sigma,
+            seed=_noise_seed(c, name),
+            sampling=padded_event(sigma, c.sample_k, c.epochs_stage2),
+            padded_slots=plan.slots,
+        )
+        release = Release(plan.row, mechanism.event, self.ledger)
+        assert isinstance(self.model, PrivateModel)
+        self.model.eval()
+        shape = tuple(self.leaving(views[:1]).shape[1:])
+        chunks = padded_chunks(
+            plan,
+            epoch,
+            lambda records: self.leaving(views[torch.from_numpy(records)]),
+            shape,  # type: ignore[arg-type]
+            c.eval_batch_size,
+        )
+        payload = concat_released([mechanism.sanitize(chunk, release) for chunk in chunks])
+        self.keep(name, _payload_arrays(payload, plan.row))
         release.done()
         return payload
 
@@ -657,12 +760,29 @@ class _Run:
         self.ledger.mark_released(row)
         return labels
 
+    def uploaded_labels(self, labels: NoisyLabels) -> NoisyLabels:
+        """The labels of the payload's rows: the released labels themselves, or with padded
+        slots each slot's record's released label (uniform in unowned slots)."""
+        if self.config.release != "padded":
+            return labels
+        plan = self.slot_plan()
+        seed = _noise_seed(self.config, "slot_labels")
+        values = slot_labels(plan, labels.labels, labels.classes, seed)
+        return NoisyLabels(values, labels.classes, labels.event)
+
+    def payload_rows(self) -> np.ndarray:
+        """(N,) the payload row of every training record: itself, or its padded slot."""
+        if self.config.release == "padded":
+            return self.slot_plan().slot_of()
+        return np.arange(self.n_train)
+
     def save_preview(self, payload: SanitizedResidual) -> None:
         """A few training images next to the bits of their first channels (for the report)."""
         if (self.run_dir / PREVIEW_FILE).exists():
             return
-        k = min(4, len(payload))
-        bits = payload.subset(slice(0, k)).unpack()[:, :4].numpy().astype(np.int8)
+        k = min(4, self.n_train)
+        rows = self.payload_rows()[:k]
+        bits = payload.subset(rows).unpack()[:, :4].numpy().astype(np.int8)
         buffer = io.BytesIO()
         np.savez(buffer, images=self.data.train.images[:k], bits=bits)
         atomic_write_bytes(self.run_dir / PREVIEW_FILE, buffer.getvalue())
@@ -692,25 +812,39 @@ class _Run:
         test_payload: SanitizedResidual | None = None
         if c.releases_residual:
             labels = None if c.labels == "grad" else self.noisy_labels()
-            test_payload = self.residuals("test", self.test, dataset=f"{c.data}/test", scope="eval")
+            test_views = self.test.get_batch(np.arange(len(self.test)))[0]
+            test_payload = self.residuals(
+                "test", test_views, dataset=f"{c.data}/test", scope="eval"
+            )
+        if c.variant == "delta" and c.combine == "sum":
+            model.residual_weight.weight.fill_(1.0)
         self.bars.stage("stage 2 (private + public)", c.epochs_stage2, start - 1)
         uploaded: str | None = None
         for epoch in range(start, c.epochs_stage2 + 1):
             began = time.perf_counter()
             row: dict[str, Any] = {"stage": 2, "epoch": epoch}
             row["global_epoch"] = c.epochs_stage1 + epoch
+            views = self.epoch_views(epoch)
             z_train: Tensor | None = None
             z_test: Tensor | None = None
             if self.public is not None and test_payload is not None:
-                name = "train" if c.release == "once" else f"train_epoch{epoch}"
-                payload = self.residuals(name, self.train_plain, dataset=c.data, scope="train")
-                spent = [k for k in self.release_refs if k.startswith("train_epoch") and k != name]
+                if c.release == "padded":
+                    payload = self.padded_residuals(epoch, views)
+                else:
+                    name = "train" if c.release == "once" else f"train_epoch{epoch}"
+                    payload = self.residuals(name, views, dataset=c.data, scope="train")
+                spent = [
+                    k
+                    for k in self.release_refs
+                    if k.startswith("train_epoch") and k != f"train_epoch{epoch}"
+                ]
                 for old in spent:
                     self.forget_release(old)  # spent releases stay on disk, not in checkpoints
                 self.save_preview(payload)
                 models = c.public_models
                 self.bars.start_batches(f"epoch {epoch}: public M_res", len(models))
-                dataset_id = self.public.upload(payload, labels)
+                sent = None if labels is None else self.uploaded_labels(labels)
+                dataset_id = self.public.upload(payload, sent)
                 if (
                     uploaded is not None
                     and uploaded != dataset_id
@@ -722,7 +856,7 @@ class _Run:
                     pub_metrics = self.train_public_on_label_gradients(dataset_id, epoch)
                 else:
                     pub_metrics = []
-                    for fold in self.public_folds(epoch):
+                    for fold in self.public_folds(epoch, len(payload)):
                         pub_metrics.append(self.public.train(dataset_id, **fold))
                         self.bars.batch()
                 row["public_train_loss"] = _mean_of(pub_metrics, "loss")
@@ -730,11 +864,14 @@ class _Run:
                     row[f"public_{key}"] = _mean_of(pub_metrics, key)
                 z_test = ensemble_logits(self.public, test_payload, models)
                 if c.variant == "delta":  # post-processing of the release, no new release
-                    z_train = self.out_of_fold_logits(payload, models, self.folds(len(models)))
-            if z_train is not None:  # new z_res: the w-step, then M_main's epoch with that w
-                row.update(self.fit_residual_weight(z_train))
+                    z_rows = self.out_of_fold_logits(
+                        payload, models, self.folds(len(models), len(payload))
+                    )
+                    z_train = z_rows[torch.from_numpy(self.payload_rows())]
+            if z_train is not None and c.combine == "weighted":
+                row.update(self.fit_residual_weight(views, z_train))
             if c.variant in ("delta", "main-only"):
-                row.update(self.train_main_epoch(epoch, opt, sched, z_train))
+                row.update(self.train_main_epoch(epoch, opt, sched, views, z_train))
             z_main, energy = self.eval_private()
             row["energy_fraction"] = energy
             row["test_acc_main"] = _accuracy(z_main, self.test_labels)
@@ -762,12 +899,13 @@ class _Run:
         )
         return label_gradient_sigma(c.label_epsilon, c.delta, releases)
 
-    def public_folds(self, epoch: int) -> list[dict[str, Any]]:
+    def public_folds(self, epoch: int, rows: int) -> list[dict[str, Any]]:
         """The training arguments of each public model in stage-2 epoch ``epoch``: model k
-        trains ``public_epochs`` epochs on the rows outside fold k (all rows with one model)."""
+        trains ``public_epochs`` epochs on the payload rows (of ``rows``) outside fold k (all
+        rows with one model)."""
         c = self.config
         models = c.public_models
-        folds = self.folds(len(models))
+        folds = self.folds(len(models), rows)
         return [
             {
                 "epochs": c.public_epochs,
@@ -802,7 +940,7 @@ class _Run:
         noise = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
         labels = self.data.train.labels
         out = []
-        for fold in self.public_folds(epoch):
+        for fold in self.public_folds(epoch, self.n_train):
             out.append(
                 train_on_label_gradients(
                     public, dataset_id, labels, sigma=sigma, noise=noise, **fold
@@ -812,17 +950,18 @@ class _Run:
         self.ledger.mark_released(row)
         return out
 
-    def folds(self, k: int) -> np.ndarray:
-        """Cross-fitting fold of every training row: a seeded, balanced assignment."""
-        order = np.random.default_rng(self.config.seed).permutation(self.n_train)
-        folds = np.empty(self.n_train, dtype=np.int64)
-        folds[order] = np.arange(self.n_train) % k
+    def folds(self, k: int, rows: int) -> np.ndarray:
+        """Cross-fitting fold of each of ``rows`` payload rows: a seeded, balanced
+        assignment."""
+        order = np.random.default_rng(self.config.seed).permutation(rows)
+        folds = np.empty(rows, dtype=np.int64)
+        folds[order] = np.arange(rows) % k
         return folds
 
     def out_of_fold_logits(
         self, payload: SanitizedResidual, models: tuple[str, ...], folds: np.ndarray
     ) -> Tensor:
-        """z_res of each training row from the public model that did not train on it."""
+        """z_res of each payload row from the public model that did not train on it."""
         assert self.public is not None
         if len(models) == 1:
             return self.public.logits(payload, model=models[0])
@@ -832,57 +971,53 @@ class _Run:
             z[torch.from_numpy(rows)] = self.public.logits(payload.subset(rows), model=name)
         return z
 
-    @torch.no_grad()
-    def train_main_logits(self) -> Tensor:
-        """z_main of every training row, un-augmented, in evaluation mode (as at test time)."""
-        assert isinstance(self.model, PrivateModel)
-        self.model.eval()
-        return torch.cat(
-            [
-                self.model.main(self.model.features(self.train_plain.get_batch(idx)[0]))
-                for idx in _chunks(self.n_train, self.config.eval_batch_size)
-            ]
-        )
-
-    def fit_residual_weight(self, z_res: Tensor) -> dict[str, float]:
+    def fit_residual_weight(self, views: Tensor, z_res: Tensor) -> dict[str, float]:
         """w = argmin_{w >= 0} mean_i CE(z_main,i + w log_softmax(z_res,i), y_i) over the
-        training rows (true labels, out-of-fold z_res, the current M_main): the w-step of the
-        block-coordinate descent on Delta's private objective (:class:`ResidualWeight`).
+        held-out rows, which no private model trained on, with their out-of-fold z_res and
+        z_main of the same views in evaluation mode: the w-step of the block-coordinate
+        descent on Delta's private objective (:class:`ResidualWeight`). On training rows
+        z_main is near-perfect and would push w to 0 (in-sample bias).
 
-        Returns w and the training losses at w = 0 (main-only) and at the fitted w, which is
+        Returns w and the held-out losses at w = 0 (main-only) and at the fitted w, which is
         never larger (w = 0 is feasible)."""
         model = self.model
         assert isinstance(model, PrivateModel)
-        z_main = self.train_main_logits()
-        labels = torch.from_numpy(self.data.train.labels)
-        weight = model.residual_weight.fit(z_main, z_res, labels)
+        rows = torch.from_numpy(self.held_rows)
+        model.eval()
+        with torch.no_grad():
+            z_main = torch.cat(
+                [model.main(model.features(views[rows[i]])) for i in _chunks(len(rows), 512)]
+            )
+        z_held = z_res[rows]
+        labels = torch.from_numpy(self.data.train.labels[self.held_rows])
+        weight = model.residual_weight.fit(z_main, z_held, labels)
         return {
             "residual_weight": weight,
-            "train_loss_main_only": model.residual_weight.loss(z_main, z_res, labels, 0.0),
-            "train_loss_combined": model.residual_weight.loss(z_main, z_res, labels, weight),
+            "holdout_loss_main_only": model.residual_weight.loss(z_main, z_held, labels, 0.0),
+            "holdout_loss_combined": model.residual_weight.loss(z_main, z_held, labels, weight),
         }
 
     def train_main_epoch(
-        self, epoch: int, opt: Any, sched: Any, z_res: Tensor | None
+        self, epoch: int, opt: Any, sched: Any, views: Tensor, z_res: Tensor | None
     ) -> dict[str, Any]:
-        """One epoch of M_main on CE(z_main + w log_softmax(z_res), y) with w fixed
-        (main-only: CE(z_main, y))."""
+        """One epoch of M_main on the epoch's ``views`` of its training rows, with the loss
+        CE(z_main + w log_softmax(z_res), y) for w fixed (main-only: CE(z_main, y))."""
         c = self.config
         model = self.model
         assert isinstance(model, PrivateModel)
-        gen = _generator(c.seed, 2, epoch)
         model.train()
         loss_sum, correct = 0.0, 0
         self.bars.start_batches(f"epoch {epoch}: private M_main", self.steps)
-        order = _order(self.n_train, c.seed, 2, epoch)
+        order = self.fit_rows[_order(len(self.fit_rows), c.seed, 2, epoch)]
+        labels = torch.from_numpy(self.data.train.labels)
         for i in range(self.steps):
-            idx = order[i * c.batch_size : (i + 1) * c.batch_size]
-            x, y = self.train_batch(idx, gen)
+            idx = torch.from_numpy(order[i * c.batch_size : (i + 1) * c.batch_size])
+            x, y = views[idx], labels[idx]
             with torch.no_grad():
                 ir = model.ir(x)
             z = model.main(model.features_of_ir(ir))
             if z_res is not None:
-                z = model.combine(z, z_res[torch.from_numpy(idx)])
+                z = model.combine(z, z_res[idx])
             loss = functional.cross_entropy(z, y)
             if c.alpha > 0:
                 loss = loss + model.main.orthogonality_penalty(c.alpha)
@@ -894,8 +1029,8 @@ class _Run:
             correct += int((z.argmax(1) == y).sum())
             self.bars.batch(f"loss {float(loss.detach()):.3f}")
         return {
-            "train_loss": loss_sum / self.n_train,
-            "train_acc": correct / self.n_train,
+            "train_loss": loss_sum / len(self.fit_rows),
+            "train_acc": correct / len(self.fit_rows),
             "lr": float(sched.get_last_lr()[0]),
         }
 
@@ -914,9 +1049,10 @@ class _Run:
                 private_macs += count_macs(self.model.main, feat)
         else:
             private_macs = count_macs(self.model, shape)
+        sent_shape = (1 if c.payload == "channel-mean" else c.ir_channels, *ir_shape[1:])
         public_macs = 0
         if c.releases_residual:
-            public_macs = count_macs(build_public_factory(c, self.classes)(), ir_shape)
+            public_macs = count_macs(build_public_factory(c, self.classes)(), sent_shape)
         last = self.metrics_rows[-1] if self.metrics_rows else {}
         final = {
             k: last.get(k)
@@ -939,7 +1075,7 @@ class _Run:
             sigma=sigma,
             private_macs=private_macs,
             public_macs=public_macs,
-            bytes_per_sample=math.ceil(math.prod(ir_shape) / 8) if c.releases_residual else 0,
+            bytes_per_sample=math.ceil(math.prod(sent_shape) / 8) if c.releases_residual else 0,
             energy_fraction=energy,
             seconds=seconds,
             residual_weight=weight,
@@ -1023,6 +1159,10 @@ STAGE2_FIELDS = frozenset(
         "label_epsilon",
         "labels",
         "release",
+        "sample_k",
+        "slots",
+        "payload",
+        "combine",
         "public_arch",
         "public_width",
         "public_lr",

@@ -23,7 +23,7 @@ from asymflow.accounting.events import (
 from asymflow.accounting.ledger import LEDGER_FILENAME, PrivacyLedger
 from asymflow.delta.padded import SlotPlan, padded_chunks, padded_sigma, slot_labels
 from asymflow.delta.sanitize import Sanitizer
-from asymflow.delta.train import _Run, _Bars, holdout_split, train_delta
+from asymflow.delta.train import _Bars, _Run, holdout_split, train_delta
 from tests.delta.test_train import CrashingPublic, RecordingPublic, _CrashError
 
 

@@ -217,3 +217,20 @@ def test_bad_input_in_a_subprocess_has_no_traceback() -> None:
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "Error: --sigma must be a finite number > 0, got nan"
+
+
+def test_balanced_reports_a_certified_bracket_with_its_methods() -> None:
+    payload = account_json(BALANCED)
+    bracket = payload["bracket"]
+    assert bracket["upper"] == payload["epsilon"]
+    assert bracket["upper_method"] == payload["method"]
+    assert 0 < bracket["lower"] <= bracket["upper"]
+    assert "lower bound" in bracket["lower_method"]
+    table = invoke(["account", *BALANCED])
+    assert table.exit_code == 0, table.output
+    assert "bracket:" in table.stdout
+
+
+def test_poisson_has_no_balanced_bracket() -> None:
+    args = ["--sampler", "poisson", "--sigma", "2", "--steps", "16", "--q", "0.125"]
+    assert "bracket" not in account_json([*args, "--delta", "1e-5"])

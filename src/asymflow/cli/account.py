@@ -261,6 +261,16 @@ def print_account(result: dict[str, Any]) -> None:
             f"ε <= {fmt(result['epsilon'])} at δ={result['delta']:g} "
             f"(certified upper bound, method {result['method']})"
         )
+        if "bracket" in result:
+            b = result["bracket"]
+            width = b["relative_width"]
+            console.print(
+                f"bracket: {fmt(b['lower'])} <= ε <= {fmt(b['upper'])}"
+                + (f" (width {100 * width:.1f}%)" if width is not None else "")
+                + f"; upper: {b['upper_how']}; lower: {b['lower_method']} "
+                f"({b['seconds']:.2f} s)",
+                style="dim",
+            )
     else:
         console.print(
             f"ε ≈ {fmt(result['epsilon'])} at δ={result['delta']:g} "

@@ -101,6 +101,7 @@ def run_account(
     """
     want_mc = method == "mc" or mc_samples is not None
     n_tasks = 1 if query.sampler == "shuffle" else len(CERTIFIED) + int(want_mc)
+    n_tasks += int(query.sampler == "balanced" and query.parts == 1)
     task = progress.add_task("accounting", total=n_tasks) if progress is not None else None
 
     def step(description: str) -> None:
@@ -181,4 +182,35 @@ def run_account(
     )
     if unsupported:
         out["unsupported"] = unsupported
+    if query.sampler == "balanced" and query.parts == 1 and certified:
+        step("certified lower bound (fixed test)")
+        out["bracket"] = _balanced_bracket(query, min(certified.values()), certified)
+        done()
     return out
+
+
+def _balanced_bracket(query: Query, upper: float, certified: dict[str, float]) -> dict[str, Any]:
+    """[lower, upper] for balanced sampling: the certified upper bound used and a certified
+    lower bound on the true ε (a fixed Neyman-Pearson test, :mod:`balanced_lower`)."""
+    from asymflow.accounting.balanced_lower import epsilon_lower
+
+    assert query.k is not None
+    start = time.perf_counter()
+    lower = epsilon_lower(query.steps, query.k, query.sigma, query.delta, query.epochs)
+    upper_method = min(certified, key=lambda m: certified[m])
+    if query.k == 1:
+        how = {"rdp": "exact 1-of-T RDP", "pld": "1-of-T allocation PLD"}[upper_method]
+    else:
+        how = {
+            "rdp": "exact k-of-T remove RDP (profile program) / block relaxation; add: reduction",
+            "pld": "PLD of the k-fold reduction to 1-of-floor(T/k) (Feldman & Shenfeld)",
+        }[upper_method]
+    return {
+        "lower": lower,
+        "upper": upper,
+        "upper_method": upper_method,
+        "upper_how": how,
+        "lower_method": "fixed-test lower bound (Poisson log-ratio statistic, exact lattice law)",
+        "relative_width": (upper - lower) / upper if upper > 0 and math.isfinite(upper) else None,
+        "seconds": time.perf_counter() - start,
+    }

@@ -112,6 +112,17 @@ def test_delta_through_the_server_matches_the_in_process_run_exactly(
     assert accuracy == float((z_local.argmax(1) == labels).float().mean())
 
 
+def test_a_padded_run_through_the_server_matches_the_in_process_run(server, keys, tmp_path):
+    config = tiny_config(epochs_stage2=2, release="padded", sample_k=1, slots=180)
+    local = train_delta(config, tmp_path / "local", progress=False)
+    server.ready()
+    with remote(server.address, keys, config=config) as public:
+        result = train_delta(config, tmp_path / "remote", progress=False, public=public)
+    assert metric_rows(tmp_path / "remote") == metric_rows(tmp_path / "local")
+    assert result.final == local.final
+    assert ledger_rows(tmp_path / "remote") == ledger_rows(tmp_path / "local")
+
+
 def train_result_final(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "result.json").read_text())["final"]
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from asymflow.accounting.events import (
+    BalancedSampled,
     Event,
     Gaussian,
     NonPrivate,
@@ -80,8 +81,9 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 _DATASET_ID = re.compile(r"[0-9a-f]{20}")
 _MODEL = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
-RESIDUAL_EVENTS: tuple[type[Event], ...] = (Gaussian, NonPrivate)
-"""Events a residual release may carry: the Gaussian sanitizer or the flagged sign quantizer."""
+RESIDUAL_EVENTS: tuple[type[Event], ...] = (Gaussian, NonPrivate, BalancedSampled)
+"""Events a residual release may carry: the Gaussian sanitizer, the flagged sign quantizer, or
+a padded pass of the Gaussian sanitizer (``BalancedSampled`` of a ``Gaussian``)."""
 
 LABEL_EVENTS: tuple[type[Event], ...] = (RandomizedResponse, NonPrivate)
 """Events a label release may carry: randomized response or flagged clear labels."""
@@ -430,6 +432,8 @@ def _residual_from(meta: object, env: Envelope, where: str) -> SanitizedResidual
             Refusal.TOO_LARGE,
         )
     event = event_from_wire(f.raw("event"), RESIDUAL_EVENTS, where=f"{where}.event")
+    if isinstance(event, BalancedSampled) and not isinstance(event.event, Gaussian):
+        raise WireError(f"{where}.event of a padded pass must sample a Gaussian, got {event!r}")
     bits = f.array("bits", np.uint8, 2)
     f.done()
     width = math.ceil(elements / 8)

@@ -1,9 +1,13 @@
 """Benchmark: certified BIS(k, T) accounting against Poisson(q = k/T) with dp_accounting.
 
-For each (σ, T, k), one pass, δ = 1e-5, this times four queries in the same run:
+For each (σ, T, k, δ), one pass, this times five queries in the same run:
 
-- our BIS RDP and BIS PLD (:mod:`asymflow.accounting`; k of T dominated by k compositions of
-  1-of-⌊T/k⌋ allocation, Feldman & Shenfeld arXiv 2502.08202, Lemma 3.2);
+- our BIS RDP (remove direction exact at integer orders where the overlap-profile program
+  finishes, :mod:`asymflow.accounting.balanced_rdp`, else a block relaxation; add direction the
+  reduction) and BIS PLD (k of T dominated by k compositions of 1-of-⌊T/k⌋ allocation,
+  Feldman & Shenfeld arXiv 2502.08202, Lemma 3.2);
+- our certified *lower* bound on the true BIS ε (:mod:`asymflow.accounting.balanced_lower`),
+  so that every BIS row is a bracket [lower, min(RDP, PLD)];
 - the anchor, Poisson-subsampled Gaussian with q = k/T, computed with dp_accounting directly:
   ``dp_accounting.rdp.RdpAccountant`` (default orders; Mironov, Talwar, Zhang 2019) and
   ``dp_accounting.pld.PLDAccountant`` (value discretization 1e-4, the same as ours).
@@ -13,9 +17,14 @@ For each (σ, T, k), one pass, δ = 1e-5, this times four queries in the same ru
 Our caches (``functools.lru_cache`` in :mod:`asymflow.accounting.allocation`) are cleared before
 every timed query, so times are cold; each time is the best of ``--repeat`` runs.
 
+Grid: the three rows of issue 11 and a k sweep (1, 2, 5, 10, 50, 205) at T = 1e4 for
+σ in (0.6, 1.0, 1.42), δ = 1e-5.
+
 Targets, printed as PASS/FAIL:
   (a) BIS certified ε (min of RDP, PLD) <= 1.05 × Poisson PLD ε, for σ >= 0.6;
-  (b) every one of our queries at T = 1e4 finishes in under 2 s (anchor times are listed too).
+  (b) every one of our queries at T = 1e4 finishes in under 2 s (anchor times are listed too);
+  (c) issue 11: upper < 6.60 at (0.6, 1024, 8, 1e-6) and < 5.64 at (0.6, 391, 5, 1.25e-5), or a
+      certified lower bound above those values; bracket width < 2% at (1.42, 1e4, 205, 1e-5).
 
 Run: ``PYTHONPATH=src python bench/accounting.py [--quick] [--repeat N] [--out PATH]``.
 Writes JSON to ``bench/results/accounting.json`` (infinite ε as the string "inf").
@@ -43,7 +52,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from asymflow.accounting import allocation
+from asymflow.accounting import allocation, balanced_lower, balanced_rdp
 from asymflow.accounting.events import BalancedSampled, Gaussian
 from asymflow.accounting.pld import PldAccountant
 from asymflow.accounting.rdp import RdpAccountant
@@ -58,16 +67,23 @@ warnings.filterwarnings(
 )
 
 DELTA = 1e-5
+ISSUE_ROWS = ((0.6, 391, 5, 1.25e-5), (0.6, 1024, 8, 1e-6), (1.42, 10_000, 205, 1e-5))
+ISSUE_TARGETS = {(0.6, 391, 5): 5.64, (0.6, 1024, 8): 6.60}
+ISSUE_WIDTH = 0.02
 TARGET_RATIO = 1.05  # (a): BIS certified <= 1.05 x Poisson PLD
 TARGET_SIGMA = 0.6  # (a) applies for sigma >= 0.6
 TARGET_STEPS = 10_000  # (b) applies at T = 1e4
 TARGET_SECONDS = 2.0
-FULL_GRID = {"sigmas": (0.6, 1.0), "steps": (1_000, 10_000, 100_000), "ks": (1, 10, 100)}
-QUICK_GRID = {"sigmas": (1.0,), "steps": (1_000, 10_000), "ks": (1, 10)}
+FULL_GRID = {"sigmas": (0.6, 1.0, 1.42), "steps": (10_000,), "ks": (1, 2, 5, 10, 50, 205)}
+QUICK_GRID = {"sigmas": (1.0,), "steps": (10_000,), "ks": (1, 10)}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "accounting.json"
-QUERIES = ("bis_rdp", "bis_pld", "poisson_rdp_dp", "poisson_pld_dp")
-OURS = ("bis_rdp", "bis_pld")
+QUERIES = ("bis_rdp", "bis_pld", "bis_lower", "poisson_rdp_dp", "poisson_pld_dp")
+OURS = ("bis_rdp", "bis_pld", "bis_lower")
 _CACHES = ("_log_moments_remove", "_log_moments_add", "_ratio_atoms_cached")
+_MODULE_CACHES = (
+    (balanced_rdp, "profile_log_moments"),
+    (balanced_lower, "test_laws"),
+)
 
 
 @dataclass(frozen=True)
@@ -78,12 +94,18 @@ class Row:
     steps: int
     k: int
     q: float
+    delta: float
     epsilon: dict[str, float]
     seconds: dict[str, float]
 
     @property
     def bis_certified(self) -> float:
         return min(self.epsilon["bis_rdp"], self.epsilon["bis_pld"])
+
+    @property
+    def bracket_width(self) -> float:
+        """(upper - lower) / upper of the BIS bracket."""
+        return _ratio(self.bis_certified - self.epsilon["bis_lower"], self.bis_certified)
 
     @property
     def ratio_pld(self) -> float:
@@ -111,6 +133,10 @@ def _clear_caches() -> None:
         cached = getattr(allocation, name, None)
         if cached is not None and hasattr(cached, "cache_clear"):
             cached.cache_clear()
+    for module, name in _MODULE_CACHES:
+        cached = getattr(module, name, None)
+        if cached is not None and hasattr(cached, "cache_clear"):
+            cached.cache_clear()
 
 
 def _poisson(sigma: float, steps: int, k: int) -> dpe.DpEvent:
@@ -120,36 +146,37 @@ def _poisson(sigma: float, steps: int, k: int) -> dpe.DpEvent:
     )
 
 
-def _queries(sigma: float, steps: int, k: int) -> dict[str, Callable[[], float]]:
+def _queries(sigma: float, steps: int, k: int, delta: float) -> dict[str, Callable[[], float]]:
     bis = BalancedSampled(k, steps, Gaussian(sigma))
     poisson = _poisson(sigma, steps, k)
 
     def dp_rdp() -> float:
         accountant = dp_accounting.rdp.RdpAccountant()
         accountant.compose(poisson)
-        return float(accountant.get_epsilon(DELTA))
+        return float(accountant.get_epsilon(delta))
 
     def dp_pld() -> float:
         accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
         accountant.compose(poisson)
-        return float(accountant.get_epsilon(DELTA))
+        return float(accountant.get_epsilon(delta))
 
     return {
-        "bis_rdp": lambda: RdpAccountant().compose(bis).epsilon(DELTA),
-        "bis_pld": lambda: PldAccountant().compose(bis).epsilon(DELTA),
+        "bis_rdp": lambda: RdpAccountant().compose(bis).epsilon(delta),
+        "bis_pld": lambda: PldAccountant().compose(bis).epsilon(delta),
+        "bis_lower": lambda: balanced_lower.epsilon_lower(steps, k, sigma, delta),
         "poisson_rdp_dp": dp_rdp,
         "poisson_pld_dp": dp_pld,
     }
 
 
-def measure(sigma: float, steps: int, k: int, repeat: int) -> Row:
+def measure(sigma: float, steps: int, k: int, repeat: int, delta: float = DELTA) -> Row:
     """ε (first run) and the best of ``repeat`` cold timings of each query."""
     epsilon: dict[str, float] = {}
     seconds: dict[str, float] = {}
     same_orders = dp_accounting.rdp.RdpAccountant(orders=[float(a) for a in RdpAccountant().orders])
     same_orders.compose(_poisson(sigma, steps, k))
-    epsilon["poisson_rdp_dp_int_orders"] = float(same_orders.get_epsilon(DELTA))
-    for name, query in _queries(sigma, steps, k).items():
+    epsilon["poisson_rdp_dp_int_orders"] = float(same_orders.get_epsilon(delta))
+    for name, query in _queries(sigma, steps, k, delta).items():
         best = math.inf
         for _ in range(repeat):
             _clear_caches()
@@ -158,7 +185,7 @@ def measure(sigma: float, steps: int, k: int, repeat: int) -> Row:
             best = min(best, time.perf_counter() - start)
             epsilon.setdefault(name, value)
         seconds[name] = best
-    return Row(sigma, steps, k, k / steps, epsilon, seconds)
+    return Row(sigma, steps, k, k / steps, delta, epsilon, seconds)
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -183,7 +210,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def targets(rows: list[Row]) -> dict[str, Any]:
-    """Check targets (a) and (b); list every violation."""
+    """Check targets (a), (b) and (c); list every violation."""
     a_rows = [r for r in rows if r.sigma >= TARGET_SIGMA]
     a_bad = [
         {"sigma": r.sigma, "steps": r.steps, "k": r.k, "ratio_certified": r.ratio_certified}
@@ -203,7 +230,26 @@ def targets(rows: list[Row]) -> dict[str, Any]:
         for name in QUERIES
         if name not in OURS and not r.seconds[name] < TARGET_SECONDS
     ]
+    c_checks = []
+    for r in rows:
+        key = (r.sigma, r.steps, r.k)
+        if key in ISSUE_TARGETS:
+            goal = ISSUE_TARGETS[key]
+            met = r.bis_certified < goal or r.epsilon["bis_lower"] > goal
+            c_checks.append({"row": key, "goal": f"upper < {goal} or lower > {goal}", "met": met})
+        elif key == (1.42, 10_000, 205):
+            met = r.bracket_width < ISSUE_WIDTH
+            c_checks.append(
+                {"row": key, "goal": f"bracket width < {ISSUE_WIDTH}", "met": met,
+                 "width": r.bracket_width}
+            )  # fmt: skip
     return {
+        "c": {
+            "description": "issue 11 targets (see module docstring)",
+            "checked": len(c_checks),
+            "passed": bool(c_checks) and all(c["met"] for c in c_checks),
+            "violations": [c for c in c_checks if not c["met"]],
+        },
         "a": {
             "description": f"BIS certified eps <= {TARGET_RATIO} x Poisson PLD eps "
             f"for sigma >= {TARGET_SIGMA}",
@@ -222,13 +268,16 @@ def targets(rows: list[Row]) -> dict[str, Any]:
 
 
 def print_tables(console: Console, rows: list[Row]) -> None:
-    eps = Table(title=f"ε at δ={DELTA:g}, one pass (BIS k of T vs Poisson q = k/T)")
+    eps = Table(title="ε, one pass (BIS k of T vs Poisson q = k/T)")
     for column in (
         "σ",
         "T",
         "k",
+        "δ",
+        "BIS lower",
         "BIS RDP",
         "BIS PLD",
+        "width",
         "Pois RDP",
         "Pois RDP int α",
         "Pois PLD",
@@ -240,13 +289,16 @@ def print_tables(console: Console, rows: list[Row]) -> None:
         e = r.epsilon
         flag = "" if r.ratio_certified <= TARGET_RATIO or r.sigma < TARGET_SIGMA else " ✗"
         eps.add_row(
-            f"{r.sigma:g}", str(r.steps), str(r.k), _fmt(e["bis_rdp"]), _fmt(e["bis_pld"]),
+            f"{r.sigma:g}", str(r.steps), str(r.k), f"{r.delta:g}", _fmt(e["bis_lower"]),
+            _fmt(e["bis_rdp"]), _fmt(e["bis_pld"]), f"{100 * r.bracket_width:.1f}%",
             _fmt(e["poisson_rdp_dp"]), _fmt(e["poisson_rdp_dp_int_orders"]),
             _fmt(e["poisson_pld_dp"]), _fmt(r.ratio_pld, 3),
             _fmt(r.ratio_certified, 3) + flag,
         )  # fmt: skip
     console.print(eps)
     console.print(
+        "BIS lower = certified lower bound on the true BIS ε; width = (min(BIS RDP, BIS PLD) - "
+        "lower) / min(...). "
         "Pois = Poisson via dp_accounting (the anchor; RDP at its default orders, 'int α' at "
         "our integer orders 2..256). PLD ratio = BIS PLD / Pois PLD; "
         "cert ratio = min(BIS RDP, BIS PLD) / Pois PLD (target (a): <= 1.05).",
@@ -259,6 +311,7 @@ def print_tables(console: Console, rows: list[Row]) -> None:
         "k",
         "BIS RDP",
         "BIS PLD",
+        "BIS lower",
         "Pois RDP",
         "Pois PLD",
         "RDP × anchor",
@@ -269,7 +322,7 @@ def print_tables(console: Console, rows: list[Row]) -> None:
         s = r.seconds
         secs.add_row(
             f"{r.sigma:g}", str(r.steps), str(r.k), _fmt(s["bis_rdp"], 2), _fmt(s["bis_pld"], 2),
-            _fmt(s["poisson_rdp_dp"], 2), _fmt(s["poisson_pld_dp"], 2),
+            _fmt(s["bis_lower"], 2), _fmt(s["poisson_rdp_dp"], 2), _fmt(s["poisson_pld_dp"], 2),
             _fmt(r.time_ratio("bis_rdp", "poisson_rdp_dp"), 1),
             _fmt(r.time_ratio("bis_pld", "poisson_pld_dp"), 1),
         )  # fmt: skip
@@ -289,8 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     if repeat < 1:
         parser.error(f"--repeat must be an integer >= 1, got {repeat}")
     grid = QUICK_GRID if args.quick else FULL_GRID
-    points = [
-        (s, t, k) for s in grid["sigmas"] for t in grid["steps"] for k in grid["ks"] if k <= t
+    points = [] if args.quick else list(ISSUE_ROWS)
+    points += [
+        (s, t, k, DELTA)
+        for s in grid["sigmas"]
+        for t in grid["steps"]
+        for k in grid["ks"]
+        if k <= t
     ]
 
     console = Console(width=max(Console().width, 120))
@@ -305,9 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         transient=True,
     ) as progress:
         task = progress.add_task("bench", total=len(points))
-        for sigma, steps, k in points:
-            progress.update(task, description=f"σ={sigma:g} T={steps} k={k}")
-            rows.append(measure(sigma, steps, k, repeat))
+        for sigma, steps, k, delta in points:
+            progress.update(task, description=f"σ={sigma:g} T={steps} k={k} δ={delta:g}")
+            rows.append(measure(sigma, steps, k, repeat, delta))
             progress.advance(task)
     wall = time.perf_counter() - start
 
@@ -344,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bis_certified": r.bis_certified,
                 "ratio_pld": r.ratio_pld,
                 "ratio_certified": r.ratio_certified,
+                "bracket_width": r.bracket_width,
                 "time_ratio_rdp": r.time_ratio("bis_rdp", "poisson_rdp_dp"),
                 "time_ratio_pld": r.time_ratio("bis_pld", "poisson_pld_dp"),
             }

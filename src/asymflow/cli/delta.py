@@ -191,7 +191,7 @@ def delta_train(
     public_epochs: Annotated[
         int | None,
         typer.Option(
-            help="Epochs of M_res per stage-2 epoch, >= 1. \\[default: 1]",
+            help="Epochs of M_res per stage-2 epoch, >= 1. \\[default: 3]",
             rich_help_panel=TRAINING,
         ),
     ] = None,
@@ -616,14 +616,27 @@ def delta_report(
 
 
 def results_table(runs: Sequence[tuple[str, Mapping[str, Any]]], *, title: str) -> Table:
-    """One row per finished run (``result.json``): test accuracy, the certified ε spent on the
-    training records with its method, σ, bytes sent per sample, MACs per sample on each side,
-    and the fraction ||main||²/||X||² of the representation's energy kept private."""
+    """One row per finished run (``result.json``): test accuracy, the public head's own
+    accuracy and Delta's trust weight w, the certified ε spent on the training records with
+    its method, σ, bytes sent per sample, MACs per sample on each side, and the fraction
+    ||main||²/||X||² of the IR's energy in the main part (a property of the decomposition,
+    not a privacy measure)."""
     delta = runs[0][1]["delta"] if runs else 1e-5
     table = Table(title=f"{title}; ε at δ={delta:g}", title_justify="left")
-    for column in ("run", "variant"):
-        table.add_column(column, no_wrap=True)
-    columns = ("acc", "ε (method)", "σ", "bytes/sample", "MACs priv", "MACs pub", "energy priv")
+    widest = max((len(name) for name, _ in runs), default=3)
+    table.add_column("run", no_wrap=True, min_width=widest)
+    table.add_column("variant", no_wrap=True)
+    columns = (
+        "acc",
+        "public",
+        "w",
+        "ε (method)",
+        "σ",
+        "bytes/sample",
+        "MACs priv",
+        "MACs pub",
+        "main energy",
+    )
     for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
     for name, result in runs:
@@ -635,6 +648,8 @@ def results_table(runs: Sequence[tuple[str, Mapping[str, Any]]], *, title: str) 
             name,
             result["variant"],
             _fmt_acc(result.get("accuracy")),
+            _fmt_acc(result.get("final", {}).get("test_acc_public")),
+            "-" if result.get("residual_weight") is None else f"{result['residual_weight']:.3g}",
             f"{fmt(spent)} ({result['epsilon_method']})" if sent or spent else "0 (no release)",
             "-" if sigma is None else f"{sigma:.4g}",
             f"{sent} B" if sent else "0 B",

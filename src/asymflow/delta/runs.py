@@ -153,7 +153,7 @@ class DeltaConfig:
     public_lr: float = 0.1
     public_augment: bool = False
     public_folds: int = 2
-    public_epochs: int = 1
+    public_epochs: int = 3
     momentum: float = 0.9
     weight_decay: float = 5e-4
     alpha: float = 1e-3
@@ -164,7 +164,7 @@ class DeltaConfig:
     clip: float = 1.0
     label_epsilon: float = 2.0
     labels: str = "rr"
-    release: str = "once"
+    release: str = "per-epoch"
     sample_k: int = 1
     slots: int = 0
     payload: str = "full"

@@ -37,6 +37,7 @@ def tiny_config(**changes: Any) -> DeltaConfig:
         eval_batch_size=64,
         noise_seed=0,
         release="once",
+        public_epochs=1,
     )
     return base.replace(**changes)
 

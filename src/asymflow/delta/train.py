@@ -168,6 +168,21 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[held:]), np.sort(order[:held])
 
 
+def stage2_views(
+    config: DeltaConfig, images: np.ndarray, epoch: int, mean: Tensor, std: Tensor
+) -> Tensor:
+    """The normalized views (N, C, H, W) of uint8 NHWC ``images`` in stage-2 epoch ``epoch``:
+    a fresh augmented view of every image (crop with black padding h/8, mirror if
+    ``flip``), except for a residual released once (then the un-augmented images, whose
+    residual it is). The release of the epoch and M_main's epoch use these same views, so
+    each z_res is added to the z_main of its own input."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    if config.augment and not (config.releases_residual and config.release == "once"):
+        gen = _generator(config.seed, 2, epoch, stream=2)
+        x = augment_batch(x, gen, padding=max(1, images.shape[1] // 8), flip=config.flip)
+    return (x - mean) / std
+
+
 def payload_view(tensor: Tensor, config: DeltaConfig) -> Tensor:
     """The (B, c, h, w) tensor that leaves, or its (B, 1, h, w) mean over channels with
     ``payload="channel-mean"``."""
@@ -611,16 +626,8 @@ class _Run:
     # -------------------------------------------------------------- stage 2 releases
 
     def epoch_views(self, epoch: int) -> Tensor:
-        """The normalized training images of stage-2 epoch ``epoch`` (N, C, H, W): a fresh
-        augmented view of every image, except for a residual released once (then the
-        un-augmented images, whose residual it is). The release of the epoch and M_main's
-        epoch use these same views, so each z_res is added to the z_main of its own input."""
-        c = self.config
-        x = torch.from_numpy(self.data.train.images).permute(0, 3, 1, 2).float() / 255.0
-        if c.augment and not (c.releases_residual and c.release == "once"):
-            gen = _generator(c.seed, 2, epoch, stream=2)
-            x = augment_batch(x, gen, padding=self.padding, flip=c.flip)
-        return (x - self.mean) / self.std
+        """:func:`stage2_views` of the training images."""
+        return stage2_views(self.config, self.data.train.images, epoch, self.mean, self.std)
 
     @torch.no_grad()
     def leaving(self, x: Tensor) -> Tensor:

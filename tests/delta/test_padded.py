@@ -16,14 +16,16 @@ from asymflow.accounting.events import (
     BalancedSampled,
     Composed,
     Gaussian,
+    NonPrivate,
     PoissonSampled,
     RandomizedResponse,
     SelfComposed,
 )
 from asymflow.accounting.ledger import LEDGER_FILENAME, PrivacyLedger
 from asymflow.delta.padded import SlotPlan, padded_chunks, padded_sigma, slot_labels
+from asymflow.delta.runs import latest_checkpoint
 from asymflow.delta.sanitize import Sanitizer
-from asymflow.delta.train import _Bars, _Run, holdout_split, train_delta
+from asymflow.delta.train import TRAINED_BACKBONE, _Bars, _Run, holdout_split, train_delta
 from tests.delta.test_train import CrashingPublic, RecordingPublic, _CrashError
 
 
@@ -208,3 +210,22 @@ def test_new_options_are_refused_with_their_range(changes, match):
 
     with pytest.raises(ValueError, match=match):
         DeltaConfig(**changes)
+
+
+def test_the_default_backbone_is_data_independent(tmp_path, tiny):
+    # The residual's sensitivity C assumes M_bb does not depend on the data: frozen at its
+    # seeded initialization, it is the same after training on two different data sets.
+    a = train_delta(tiny(), tmp_path / "a", progress=False)
+    b = train_delta(tiny(data="synthetic:200"), tmp_path / "b", progress=False)
+    state_a = torch.load(latest_checkpoint(a.run_dir)[2], weights_only=True)["model"]
+    state_b = torch.load(latest_checkpoint(b.run_dir)[2], weights_only=True)["model"]
+    backbone = [k for k in state_a if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(state_a[k], state_b[k]) for k in backbone)
+    assert math.isfinite(a.epsilon)
+
+
+def test_a_trained_backbone_is_recorded_as_a_non_private_release(tmp_path, tiny):
+    result = train_delta(tiny(backbone="trained"), tmp_path / "run", progress=False)
+    rows = [e for e in _entries(tmp_path / "run") if e.note == TRAINED_BACKBONE]
+    assert len(rows) == 1 and isinstance(rows[0].event, NonPrivate)
+    assert math.isinf(result.epsilon)

@@ -350,6 +350,16 @@ def delta_train(
             rich_help_panel=TRAINING,
         ),
     ] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            metavar="[frozen|trained]",
+            help="M_bb kept at its seeded initialization (each residual depends on its own "
+            "record only), or trained in stage 1 as in the paper (then no per-record bound "
+            "holds and the ledger records epsilon = inf). \\[default: frozen]",
+            rich_help_panel=PRIVACY,
+        ),
+    ] = None,
     holdout: Annotated[
         float | None,
         typer.Option(

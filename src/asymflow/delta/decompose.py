@@ -22,11 +22,17 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Decomposition:
-    """Result of :func:`decompose` for a batch."""
+    """Result of :func:`decompose` for a batch: main = basis @ low, residual = X - main."""
 
     features: Tensor  # (B, r, h t'/t, w t'/t): private model input
-    main: Tensor  # (B, c, h, w): the part of X that stays private
     residual: Tensor  # (B, c, h, w): X - main, the part that may be sanitized and released
+    basis: Tensor  # (B, c, r): the left singular vectors u_i
+    low: Tensor  # (B, r, h*w): the low-passed principal maps s_i lowpass(v_i)
+
+    @property
+    def main(self) -> Tensor:
+        """(B, c, h, w): sum_i s_i u_i lowpass(v_i)^T, the part of X that stays private."""
+        return torch.bmm(self.basis, self.low).reshape(self.residual.shape)
 
     @property
     def energy_fraction(self) -> Tensor:
@@ -53,73 +59,118 @@ def _check_sizes(h: int, w: int, t: int, t_low: int) -> None:
         raise ValueError(f"IR height and width must be multiples of t={t}, got {h}x{w}")
 
 
+@lru_cache(maxsize=32)
+def _band_matrix(size: int, t: int, t_low: int, dtype: torch.dtype) -> Tensor:
+    """kron(I_{size/t}, D[:t_low]): the low DCT band of every t-block of a length-``size``
+    axis, (size t_low/t) x size, rows in the tiled order block * t_low + frequency."""
+    d = dct_matrix(t)[:t_low]
+    return torch.block_diag(*[d] * (size // t)).to(dtype)
+
+
 def block_dct_low(maps: Tensor, t: int, t_low: int) -> tuple[Tensor, Tensor]:
     """Low band of the block DCT of ``maps`` (..., h, w).
 
     Returns (coefficients tiled to (..., h t_low/t, w t_low/t), the low-passed maps (..., h, w)).
-    The low-pass is the orthogonal projection D_l^T D_l applied on both sides of every block.
+    With A_h = kron(I, D_l) (D_l the first t_low rows of the DCT matrix), the coefficients of
+    all blocks at once are A_h X A_w^T, and the low-pass, the orthogonal projection D_l^T D_l
+    on both sides of every block, is A_h^T (A_h X A_w^T) A_w.
     """
-    *lead, h, w = maps.shape
+    *_, h, w = maps.shape
     _check_sizes(h, w, t, t_low)
-    d = dct_matrix(t).to(maps)[:t_low]  # (t_low, t)
-    blocks = maps.reshape(*lead, h // t, t, w // t, t)
-    coef = torch.einsum("ka,...iajb,lb->...ikjl", d, blocks, d)  # (..., h/t, t_low, w/t, t_low)
-    low = torch.einsum("ka,...ikjl,lb->...iajb", d, coef, d).reshape(*lead, h, w)
-    return coef.reshape(*lead, h // t * t_low, w // t * t_low), low
+    a_h = _band_matrix(h, t, t_low, maps.dtype).to(maps.device)
+    a_w = a_h if w == h else _band_matrix(w, t, t_low, maps.dtype).to(maps.device)
+    coef = torch.matmul(a_h, torch.matmul(maps, a_w.T))  # (..., h t_low/t, w t_low/t)
+    low = torch.matmul(a_h.T, torch.matmul(coef, a_w))
+    return coef, low
 
 
-def top_singular(m: Tensor, r: int, *, iters: int = 30, exact: bool = False) -> tuple[Tensor, ...]:
+def block_dct_coefficients(maps: Tensor, t: int, t_low: int) -> Tensor:
+    """The first output of :func:`block_dct_low` alone (no low-passed maps)."""
+    *_, h, w = maps.shape
+    _check_sizes(h, w, t, t_low)
+    a_h = _band_matrix(h, t, t_low, maps.dtype).to(maps.device)
+    a_w = a_h if w == h else _band_matrix(w, t, t_low, maps.dtype).to(maps.device)
+    return torch.matmul(a_h, torch.matmul(maps, a_w.T))
+
+
+def principal_basis(m: Tensor, r: int, *, iters: int = 3) -> Tensor:
+    """The top-r left singular vectors u_i of every matrix in the batch m (B, c, n): (B, c, r),
+    without autograd, sorted by singular value, signs fixed so that the largest-magnitude
+    entry of each u_i is positive.
+
+    Block subspace iteration with Rayleigh-Ritz (Halko, Martinsson & Tropp 2011, Alg. 4.4 and
+    5.3) on the c x c Gram matrices G = M M^T, batched over samples: k = min(c, 2r) vectors
+    start at the columns of G with the largest diagonal entries (so a sample's result does
+    not depend on the batch it is in), ``iters`` times Q <- orth(G Q), then the top r
+    eigenvectors of Q^T G Q. Each iteration shrinks the error of the i-th direction by
+    (lambda_{k+1} / lambda_i), i.e. (sigma_{k+1} / sigma_i)^2; the iterations are c x c x k
+    products, so the cost is the one c x c x n product that forms G.
+    """
+    b, c, n = m.shape
+    if not 1 <= r <= min(c, n):
+        raise ValueError(f"r must satisfy 1 <= r <= min(c, h*w) = {min(c, n)}, got r={r}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got iters={iters}")
+    with torch.no_grad():
+        m = m.detach()
+        gram = torch.bmm(m, m.transpose(1, 2))  # (B, c, c)
+        k = min(c, 2 * r)
+        start = torch.diagonal(gram, dim1=1, dim2=2).topk(k, dim=1).indices
+        q, _ = torch.linalg.qr(torch.gather(gram, 2, start[:, None, :].expand(b, c, k)))
+        for _ in range(iters):
+            q, _ = torch.linalg.qr(torch.bmm(gram, q))
+        ritz = torch.bmm(q.transpose(1, 2), torch.bmm(gram, q))  # (B, k, k)
+        _, vectors = torch.linalg.eigh(ritz)  # ascending eigenvalues
+        u = torch.bmm(q, vectors[..., -r:].flip(-1))
+        flip = torch.sign(torch.gather(u, 1, u.abs().argmax(1, keepdim=True)))
+        return u * torch.where(flip == 0, torch.ones_like(flip), flip)
+
+
+def top_singular(m: Tensor, r: int, *, iters: int = 3, exact: bool = False) -> tuple[Tensor, ...]:
     """Top-r singular triplets of every matrix in the batch m (B, c, n): (s, u, v).
 
-    The fast path runs power iteration with deflation on the c x c Gram matrices G = M M^T,
-    batched over samples (only r components are needed); each start vector is the column of
-    the (deflated) G with the largest diagonal entry, so a sample's result does not depend on
-    the batch it is in. The iteration runs without autograd: gradients flow through
-    s_i v_i = M^T u_i with the subspace u held fixed, which keeps the backward pass as cheap as
-    the forward one (differentiating through every power step costs ~3x the whole model).
+    The fast path finds the subspace with :func:`principal_basis` (no autograd); gradients
+    flow through s_i v_i = M^T u_i with u held fixed, which keeps the backward pass as cheap
+    as the forward one (differentiating through the iteration costs ~3x the whole model).
     ``exact`` uses torch.linalg.svd, differentiable throughout.
     Signs are fixed so that the largest-magnitude entry of each u is positive.
     """
-    b, c, n = m.shape
+    _, c, n = m.shape
     if not 1 <= r <= min(c, n):
         raise ValueError(f"r must satisfy 1 <= r <= min(c, h*w) = {min(c, n)}, got r={r}")
     if exact:
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         u, s, v = u[..., :r], s[..., :r], vh[..., :r, :].transpose(1, 2)
-    else:
-        with torch.no_grad():  # the subspace is found without autograd (see docstring)
-            gram = m @ m.transpose(1, 2)  # (B, c, c)
-            us = []
-            for _ in range(r):
-                pivot = torch.diagonal(gram, dim1=1, dim2=2).argmax(1)
-                vec = torch.gather(gram, 2, pivot[:, None, None].expand(b, c, 1))
-                vec = vec + 1e-12 * torch.ones_like(vec)  # never exactly zero
-                for _ in range(iters):
-                    vec = gram @ vec
-                    vec = vec / vec.norm(dim=1, keepdim=True).clamp_min(1e-30)
-                lam = (vec.transpose(1, 2) @ gram @ vec).squeeze(-1).squeeze(-1).clamp_min(0)
-                us.append(vec.squeeze(-1))
-                gram = gram - lam[:, None, None] * (vec @ vec.transpose(1, 2))
-        u = torch.stack(us, -1)  # (B, c, r), no gradient
-        sv = m.transpose(1, 2) @ u  # (B, n, r) = s_i v_i, differentiable in m
-        s = sv.norm(dim=1)
-        v = sv / s[:, None, :].clamp_min(1e-30)
-    flip = torch.sign(torch.gather(u, 1, u.abs().argmax(1, keepdim=True)))
-    flip = torch.where(flip == 0, torch.ones_like(flip), flip)
-    return s, u * flip, v * flip
+        flip = torch.sign(torch.gather(u, 1, u.abs().argmax(1, keepdim=True)))
+        flip = torch.where(flip == 0, torch.ones_like(flip), flip)
+        return s, u * flip, v * flip
+    u = principal_basis(m, r, iters=iters)
+    sv = m.transpose(1, 2) @ u  # (B, n, r) = s_i v_i, differentiable in m
+    s = sv.norm(dim=1)
+    return s, u, sv / s[:, None, :].clamp_min(1e-30)
 
 
 def decompose(
-    x: Tensor, *, r: int = 8, t: int = 16, t_low: int = 8, exact: bool = False, iters: int = 30
+    x: Tensor, *, r: int = 8, t: int = 16, t_low: int = 8, exact: bool = False, iters: int = 3
 ) -> Decomposition:
-    """Split the IR batch ``x`` (B, c, h, w) into the private main part and the residual."""
+    """Split the IR batch ``x`` (B, c, h, w) into the private main part and the residual.
+
+    With the basis U = (u_1..u_r) and the projections P = U^T M = (s_i v_i^T) (r x hw), the
+    features are the block-DCT low band of P's maps, main = U lowpass(P) and
+    residual = M - U lowpass(P), formed in one fused product.
+    """
     if x.dim() != 4:
         raise ValueError(f"x must have shape (B, c, h, w), got {tuple(x.shape)}")
     b, c, h, w = x.shape
     _check_sizes(h, w, t, t_low)
     m = x.reshape(b, c, h * w)
-    s, u, v = top_singular(m, r, exact=exact, iters=iters)
-    maps = v.transpose(1, 2).reshape(b, r, h, w)
-    coef, low = block_dct_low(maps, t, t_low)
-    main = torch.einsum("bcr,br,brn->bcn", u, s, low.reshape(b, r, h * w)).reshape(b, c, h, w)
-    return Decomposition(features=coef * s[:, :, None, None], main=main, residual=x - main)
+    if exact:
+        s, u, v = top_singular(m, r, exact=True)
+        projected = (v * s[:, None, :]).transpose(1, 2)
+    else:
+        u = principal_basis(m, r, iters=iters)
+        projected = torch.bmm(u.transpose(1, 2), m)  # (B, r, hw) = s_i v_i^T
+    coef, low = block_dct_low(projected.reshape(b, r, h, w), t, t_low)
+    low = low.reshape(b, r, h * w)
+    residual = torch.baddbmm(m, u, low, alpha=-1.0).reshape(b, c, h, w)
+    return Decomposition(features=coef, residual=residual, basis=u, low=low)

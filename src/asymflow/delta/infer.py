@@ -37,6 +37,7 @@ from asymflow.delta.train import (
     build_original,
     build_private,
     build_public_factory,
+    input_stats,
     load_run_data,
     payload_view,
 )
@@ -109,7 +110,7 @@ def load_system(
     if meta is None:  # pragma: no cover - checkpoints always carry it
         data = load_run_data(config)
         h, w, c = data.train.image_shape
-        mean, std = data.channel_stats()
+        mean, std = input_stats(config, data)
         meta = {"classes": len(data.classes), "image_shape": [h, w, c], "mean": mean, "std": std}
     classes = int(meta["classes"])
     in_channels = int(meta["image_shape"][2])

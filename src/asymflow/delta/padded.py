@@ -34,6 +34,7 @@ import io
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +54,11 @@ def padded_event(sigma: float, k: int, epochs: int) -> BalancedSampled:
     return BalancedSampled(k, epochs, Gaussian(sigma))
 
 
+@lru_cache(maxsize=64)
 def padded_sigma(epsilon: float, delta: float, k: int, epochs: int) -> float:
     """Smallest sigma whose certified BalancedSampled(k, epochs, Gaussian(sigma)) epsilon at
-    ``delta`` is <= ``epsilon`` (our k-of-T accountants, asymflow.accounting.calibrate)."""
+    ``delta`` is <= ``epsilon`` (our k-of-T accountants, asymflow.accounting.calibrate; cached:
+    the bisection takes seconds)."""
     return noise_for_epsilon(epsilon, delta, "balanced", epochs, k=k).sigma
 
 

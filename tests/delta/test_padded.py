@@ -50,23 +50,23 @@ def test_an_unpadded_subsampled_release_is_refused(sampling):
 
 
 def test_slot_plan_gives_each_record_one_slot_and_exactly_k_epochs():
-    plan = SlotPlan.draw(records=50, slots=80, k=3, epochs=7, row=1, seed=0)
+    plan = SlotPlan.draw(records=50, slots=80, k=3, epochs=7, classes=10, row=1, seed=0)
     assert plan.slots == 80 and plan.k == 3 and plan.epochs == 7
     assert sorted(plan.owner[plan.owner >= 0].tolist()) == list(range(50))
     assert (plan.sampled.sum(0) == 3).all()
     assert (plan.owner[plan.slot_of()] == np.arange(50)).all()
     # Uniform k-subsets: every epoch is chosen with probability k/T (6 sd band).
-    many = SlotPlan.draw(records=20_000, slots=20_000, k=3, epochs=7, row=1, seed=1)
+    many = SlotPlan.draw(records=20_000, slots=20_000, k=3, epochs=7, classes=10, row=1, seed=1)
     rate = many.sampled.mean(1)
     assert np.abs(rate - 3 / 7).max() < 6 * math.sqrt((3 / 7) * (4 / 7) / 20_000)
     with pytest.raises(ValueError, match="slots must be >="):
-        SlotPlan.draw(records=50, slots=49, k=1, epochs=2, row=1)
+        SlotPlan.draw(records=50, slots=49, k=1, epochs=2, classes=10, row=1)
     with pytest.raises(ValueError, match="k must satisfy"):
-        SlotPlan.draw(records=5, slots=5, k=3, epochs=2, row=1)
+        SlotPlan.draw(records=5, slots=5, k=3, epochs=2, classes=10, row=1)
 
 
 def test_padded_chunks_carry_sampled_records_and_zeros_elsewhere():
-    plan = SlotPlan.draw(records=6, slots=10, k=1, epochs=3, row=1, seed=2)
+    plan = SlotPlan.draw(records=6, slots=10, k=1, epochs=3, classes=10, row=1, seed=2)
     values = torch.arange(1, 7, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 2, 2, 2)
     for epoch in (1, 2, 3):
         out = torch.cat(
@@ -84,12 +84,14 @@ def test_an_empty_slot_is_pure_noise_and_carries_a_uniform_label():
     sanitizer = Sanitizer(1.0, 0.5, seed=0)
     bits = (sanitizer.clip_and_noise(torch.zeros(200, 4, 8, 8)) >= 0).float()
     assert abs(float(bits.mean()) - 0.5) < 6 * math.sqrt(0.25 / bits.numel())
-    plan = SlotPlan.draw(records=10, slots=20_010, k=1, epochs=2, row=1, seed=3)
-    labels = slot_labels(plan, np.arange(10) % 3, 3, seed=4)
+    plan = SlotPlan.draw(records=10, slots=20_010, k=1, epochs=2, classes=3, row=1, seed=3)
+    labels = slot_labels(plan, np.arange(10) % 3)
     owned = plan.owner >= 0
     assert (labels[owned] == plan.owner[owned] % 3).all()
     counts = np.bincount(labels[~owned], minlength=3) / (~owned).sum()
     assert np.abs(counts - 1 / 3).max() < 0.02
+    # The same in every epoch: a label that changed would tell an unowned slot from an owned one.
+    assert (slot_labels(plan, np.arange(10) % 3) == labels).all()
 
 
 def test_holdout_rows_are_disjoint_seeded_and_never_empty():
@@ -112,8 +114,10 @@ def test_a_padded_run_records_one_balanced_row_before_any_bits_leave(tmp_path, t
     assert len(public.received) == 3
     plan = SlotPlan.load(run_dir)
     assert plan is not None and plan.started == (1, 2, 3)
+    first_labels = public.received[0][1]
     for data, labels in public.received:
         assert len(data) == 200 and labels is not None and len(labels) == 200
+        assert np.array_equal(labels.labels, first_labels.labels)  # one label per slot
         assert data.event == event  # every epoch's payload carries the pass's event
     assert all(row in rows for rows in public.rows_at_upload)  # recorded before the first
     expected = Composed((SelfComposed(RandomizedResponse(2.0, 10), 1), SelfComposed(event, 1)))

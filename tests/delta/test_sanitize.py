@@ -101,3 +101,25 @@ def test_bad_parameters_are_refused(clip, sigma):
 def test_wire_object_validates_its_size():
     with pytest.raises(ValueError, match="bytes per sample"):
         SanitizedResidual(np.zeros((2, 3), np.uint8), (3, 5, 5), Sanitizer(1.0, 1.0).event)
+
+
+@pytest.mark.parametrize(
+    ("shape", "clip", "sigma", "scale"),
+    [
+        ((5, 3, 5, 5), 2.5, 0.77, 10.0),  # odd sizes, every sample clipped
+        ((40, 64, 32, 32), 1.0, 0.3, 0.01),  # several cache blocks, nothing clipped
+        ((9, 32, 16, 16), 1.0, 1e-4, 0.2),  # tiny noise: the bits are the residual's signs
+    ],
+)
+def test_bits_are_the_signs_of_clip_and_noise_for_the_same_seed(ledger, shape, clip, sigma, scale):
+    # The fused, blocked path of sanitize() draws the same noise and computes the same
+    # float32 values as clip_and_noise(), so the bits are identical, not just equal in law.
+    residual = torch.randn(*shape, generator=torch.Generator().manual_seed(7)) * scale
+    residual[0, 0, 0, :2] = 0.0  # exact zeros: bit 1 iff the noise is >= 0
+    fused = Sanitizer(clip, sigma, seed=11)
+    reference = Sanitizer(clip, sigma, seed=11)
+    release = fused.record_release(ledger, dataset="d", scope="all")
+    for _ in range(2):  # and the generators stay in step
+        bits = fused.sanitize(residual, release).bits
+        expected = np.packbits((reference.clip_and_noise(residual) >= 0).numpy(), axis=1)
+        np.testing.assert_array_equal(bits, expected)

@@ -12,7 +12,8 @@ secret, uniformly random injection of the records into the slots, and its slot c
 each quantized to sign bits. Each record is sampled in exactly k of the T epochs, a uniform
 k-subset drawn independently of the other records (Balanced Iteration Subsampling; Dong,
 Chen, Ozgur, ICML 2025, arXiv 2503.03043). A slot's label is its record's label-DP release
-(randomized response, once, its own ledger row), or uniform in an unowned slot.
+(randomized response, once, its own ledger row), or a uniform label drawn once for an unowned
+slot: every slot shows the same label in every epoch.
 
 Claim: the T padded releases are dominated by BalancedSampled(k, T, Gaussian(sigma)), the
 event the ledger records once before the first epoch. Proof: couple D and D' through the
@@ -67,13 +68,16 @@ class SlotPlan:
     """Who owns which slot and in which epochs each record is sampled.
 
     ``owner``: (slots,) int64, the record in each slot or -1; ``sampled``: (T, N) bool, column
-    j true in exactly k epochs; ``row``: the ledger row of the pass (recorded before the plan
-    is used); ``started``: the epochs whose release has begun (a restarted release of one of
-    them is recorded again).
+    j true in exactly k epochs; ``filler``: (slots,) int64, the uniform label an unowned slot
+    carries in every epoch (drawn once: a label that changed between epochs would tell an
+    unowned slot from an owned one); ``row``: the ledger row of the pass (recorded before the
+    plan is used); ``started``: the epochs whose release has begun (a restarted release of one
+    of them is recorded again).
     """
 
     owner: np.ndarray
     sampled: np.ndarray
+    filler: np.ndarray
     row: int
     started: tuple[int, ...] = ()
 
@@ -107,10 +111,17 @@ class SlotPlan:
 
     @classmethod
     def draw(
-        cls, records: int, slots: int, k: int, epochs: int, row: int, seed: int | None = None
+        cls,
+        records: int,
+        slots: int,
+        k: int,
+        epochs: int,
+        classes: int,
+        row: int,
+        seed: int | None = None,
     ) -> SlotPlan:
-        """A uniform injection and, per record, a uniform k-subset of the epochs
-        (``seed=None``: from the OS's secure source)."""
+        """A uniform injection, per record a uniform k-subset of the epochs, and a uniform label
+        of ``classes`` per slot (``seed=None``: from the OS's secure source)."""
         if slots < records:
             raise ValueError(f"slots must be >= the record count {records}, got slots={slots}")
         if not 1 <= k <= epochs:
@@ -119,10 +130,11 @@ class SlotPlan:
         owner = np.full(slots, -1, dtype=np.int64)
         owner[rng.permutation(slots)[:records]] = np.arange(records)
         ranks = rng.random((epochs, records)).argsort(0).argsort(0)
-        return cls(owner, ranks < k, row)
+        filler = rng.integers(0, classes, size=slots, dtype=np.int64)
+        return cls(owner, ranks < k, filler, row)
 
     def with_started(self, epoch: int) -> SlotPlan:
-        return SlotPlan(self.owner, self.sampled, self.row, (*self.started, epoch))
+        return SlotPlan(self.owner, self.sampled, self.filler, self.row, (*self.started, epoch))
 
     def save(self, run_dir: Path) -> None:
         buffer = io.BytesIO()
@@ -130,6 +142,7 @@ class SlotPlan:
             buffer,
             owner=self.owner,
             sampled=self.sampled,
+            filler=self.filler,
             row=np.int64(self.row),
             started=np.asarray(self.started, dtype=np.int64),
         )
@@ -144,6 +157,7 @@ class SlotPlan:
             return cls(
                 data["owner"],
                 data["sampled"],
+                data["filler"],
                 int(data["row"]),
                 tuple(int(e) for e in data["started"]),
             )
@@ -171,12 +185,10 @@ def padded_chunks(
         yield out
 
 
-def slot_labels(
-    plan: SlotPlan, labels: np.ndarray, classes: int, seed: int | None = None
-) -> np.ndarray:
-    """The label of every slot: its record's released label, uniform in unowned slots."""
-    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
-    out = rng.integers(0, classes, size=plan.slots, dtype=np.int64)
+def slot_labels(plan: SlotPlan, labels: np.ndarray) -> np.ndarray:
+    """The label of every slot, the same in every epoch: its record's released label, or the
+    plan's uniform filler label in an unowned slot."""
+    out = plan.filler.copy()
     owned = plan.owner >= 0
     out[owned] = labels[plan.owner[owned]]
     return out

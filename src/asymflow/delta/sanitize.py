@@ -20,6 +20,8 @@ from asymflow.accounting.events import BalancedSampled, Event, Gaussian, Poisson
 from asymflow.accounting.ledger import PrivacyLedger
 
 WIRE_VERSION = 1
+_CACHE_ELEMENTS = 1 << 19
+"""Residual elements per block of the sanitizer's passes (2 MiB of float32: cache-sized)."""
 
 
 @dataclass(frozen=True)
@@ -155,12 +157,19 @@ class Sanitizer:
     def _bits(self, residual: Tensor) -> np.ndarray:
         """Packed 1[clip(R) + noise >= 0], the same noise draws and the same float32 values as
         :meth:`clip_and_noise`, in one buffer: noise <- noise * sigma C + R / scale in place
-        (``addcdiv_`` with value 1 is exactly the division and the sum), then the sign."""
+        (``addcdiv_`` with value 1 is exactly the division and the sum), then the sign. The
+        noise of the whole batch is drawn at once (the generator's order); the rest runs on
+        blocks of rows that stay in cache (per-row norms: the same values)."""
         flat = residual.detach().flatten(1).float()
-        scale = torch.clamp(flat.norm(dim=1, keepdim=True) / self.clip, min=1.0)
         noisy = torch.randn(flat.shape, generator=self._gen)
-        noisy.mul_(self.sigma * self.clip).addcdiv_(flat, scale)
-        return np.packbits(torch.ge(noisy, 0).numpy(), axis=1)
+        bits = np.empty((flat.shape[0], math.ceil(flat.shape[1] / 8)), dtype=np.uint8)
+        rows = max(1, _CACHE_ELEMENTS // max(1, flat.shape[1]))
+        for i in range(0, flat.shape[0], rows):
+            part, noise = flat[i : i + rows], noisy[i : i + rows]
+            scale = torch.clamp(part.norm(dim=1, keepdim=True) / self.clip, min=1.0)
+            noise.mul_(self.sigma * self.clip).addcdiv_(part, scale)
+            bits[i : i + rows] = np.packbits(torch.ge(noise, 0).numpy(), axis=1)
+        return bits
 
 
 @dataclass(frozen=True)

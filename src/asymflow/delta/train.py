@@ -731,7 +731,13 @@ class _Run:
         )
         slots = c.slots or self.n_train
         plan = SlotPlan.draw(
-            self.n_train, slots, c.sample_k, c.epochs_stage2, row, _noise_seed(c, "slots")
+            self.n_train,
+            slots,
+            c.sample_k,
+            c.epochs_stage2,
+            self.classes,
+            row,
+            _noise_seed(c, "slots"),
         )
         plan.save(self.run_dir)
         self.plan = plan
@@ -805,9 +811,7 @@ class _Run:
         slots each slot's record's released label (uniform in unowned slots)."""
         if self.config.release != "padded":
             return labels
-        plan = self.slot_plan()
-        seed = _noise_seed(self.config, "slot_labels")
-        values = slot_labels(plan, labels.labels, labels.classes, seed)
+        values = slot_labels(self.slot_plan(), labels.labels)
         return NoisyLabels(values, labels.classes, labels.event)
 
     def payload_rows(self) -> np.ndarray:

@@ -373,14 +373,15 @@ def print_table(console: Console, results: list[dict]) -> None:
     )
 
 
-def chart(results: list[dict], path: Path) -> None:
-    """Private side per sample as a fraction of the original network's, split by component."""
+def chart(results: list[dict], path: Path, before: list[dict] | None = None) -> None:
+    """Private side per sample as a fraction of the original network's, split by component;
+    with ``before`` (an earlier run's results), its ratio as a black tick on each bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results) + 1, 4.2), squeeze=False)
     colors = dict(zip(COMPONENTS, plt.get_cmap("tab10").colors, strict=False))
     for ax, res in zip(axes[0], results, strict=True):
         labels, bottoms = [], []
@@ -393,18 +394,29 @@ def chart(results: list[dict], path: Path) -> None:
                 ax.bar(i, share, bottom=bottom, color=colors[k], label=k if i == 0 else None)
                 bottom += share
             bottoms.append(bottom)
-        top = min(max(bottoms) * 1.1, 2.5)
+        old = {
+            (row["mode"], row["batch"]): row["private_ms"] / row["original_ms"]
+            for r in before or []
+            if r["config"] == res["config"]
+            for row in r["rows"]
+        }
+        ticks = [old.get((row["mode"], row["batch"])) for row in rows]
+        top = min(max(bottoms + [t for t in ticks if t is not None]) * 1.1, 2.5)
+        for i, tick in enumerate(ticks):
+            if tick is not None:
+                label = "before (sum)" if i == 0 else None
+                ax.plot(i, min(tick, top * 0.99), "k_", ms=18, mew=2, label=label)
         for i, b in enumerate(bottoms):
             if b > top:
                 ax.text(i, top * 0.97, f"{b:.1f}", ha="center", va="top", fontsize=7)
         target = 0.25 if res["config"] == "cifar" else 1.0
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.axhline(target, color="red", ls="--", lw=0.8, label=f"target {target:g}")
+        ax.axhline(target, color="red", ls="--", lw=0.8, label="target")
         ax.set_ylim(0, top)
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
         ax.set_ylabel("private side / original network (wall time)")
         ax.set_title(f"{res['config']}: energy kept private {res['energy']['energy_private']:.3f}")
-        ax.legend(fontsize=7, loc="upper right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -420,12 +432,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables first")
     parser.add_argument("--json", type=Path, default=RESULTS / "delta_cost.json")
     parser.add_argument("--chart", type=Path, default=CHART)
+    parser.add_argument("--before", type=Path, help="an earlier JSON, drawn as ticks on the chart")
+    parser.add_argument("--replot", action="store_true", help="redraw the chart from --json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     console = Console(width=150)
     batches = [int(b) for b in args.batches.split(",")]
     repeats = 3 if args.quick else 7
     min_seconds = 0.05 if args.quick else 0.15
+    before = json.loads(args.before.read_text())["results"] if args.before else None
+    if args.replot:
+        chart(json.loads(args.json.read_text())["results"], args.chart, before)
+        return 0
     results = []
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -455,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
-    chart(results, args.chart)
+    chart(results, args.chart, before)
     console.print(f"wrote {args.json} and {args.chart} ({out['seconds']:.0f} s)")
     return 0
 

@@ -6,11 +6,17 @@ import math
 from dataclasses import dataclass, field
 
 from asymflow.accounting.accountant import Accountant, UnsupportedEventError
+from asymflow.accounting.balanced_pld import BlockPldAccountant
 from asymflow.accounting.events import Event, check_delta
 from asymflow.accounting.pld import PldAccountant
 from asymflow.accounting.rdp import RdpAccountant
 
-CERTIFIED_METHODS: dict[str, type[Accountant]] = {"rdp": RdpAccountant, "pld": PldAccountant}
+CERTIFIED_METHODS: dict[str, type[Accountant]] = {
+    "rdp": RdpAccountant,
+    "pld": PldAccountant,
+    # Balanced k >= 2 through 2-of-m blocks (balanced_pld); seconds per query, so not a default.
+    "pld-blocks": BlockPldAccountant,
+}
 
 
 @dataclass(frozen=True)

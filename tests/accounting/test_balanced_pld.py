@@ -107,3 +107,47 @@ def test_block_structure_uses_at_most_the_steps():
     assert not balanced_pld.applies(10, 5, 1.0)  # m = 4 < 2 * parts
     with pytest.raises(ValueError):
         balanced_pld.pair_atoms(40, 0.6, 5)
+
+
+def test_trim_only_reveals_more_in_both_directions():
+    """trim moves extreme atoms to the P-only/Q-only masses: every hockey-stick, both
+    directions, can only grow, and the pair stays a probability pair."""
+    from asymflow.accounting import allocation
+
+    atoms = allocation.ratio_atoms(20, 0.6, upper=True)
+    trimmed = balanced_pld.trim(atoms, 1e-9)
+    assert trimmed.ratio.size < atoms.ratio.size
+    assert trimmed.p_bad - atoms.p_bad <= 1e-9 + 1e-6 * 1e-9
+    for a in (atoms, trimmed):
+        assert abs(a.mass.sum() + a.q_bad - 1) < 1e-12
+        assert abs(float((a.mass * a.ratio).sum()) + a.p_bad - 1) < 1e-12
+    for eps in np.linspace(0, 12, 25):
+        c = math.exp(eps)
+        for direction in ("remove", "add"):
+            values = []
+            for a in (atoms, trimmed):
+                if direction == "remove":
+                    hs, bad = np.clip(a.ratio - c, 0, None), a.p_bad
+                else:
+                    hs, bad = np.clip(1 - c * a.ratio, 0, None), a.q_bad
+                values.append(float((a.mass * hs).sum()) + bad)
+            assert values[1] >= values[0] - 1e-15, (direction, eps, values)
+
+
+def test_best_tries_block_pld_by_default_only_where_it_applies():
+    from asymflow.accounting.best import DEFAULT_METHODS
+    from asymflow.accounting.events import PoissonSampled, SelfComposed
+
+    assert "pld-blocks" in DEFAULT_METHODS
+    event = SelfComposed(BalancedSampled(k=4, steps=200, event=Gaussian(0.8)), 2)
+    assert balanced_pld.uses_blocks(event)
+    report = best_epsilon(event, 1e-5)
+    assert {"rdp", "pld", "pld-blocks"} <= report.by_method.keys()
+    assert report.epsilon == min(report.by_method.values())
+    # k = 1 and Poisson: the blocks change nothing, so best does not run them twice.
+    for other in (
+        BalancedSampled(k=1, steps=200, event=Gaussian(0.8)),
+        PoissonSampled(q=0.02, event=Gaussian(0.8)),
+    ):
+        assert not balanced_pld.uses_blocks(other)
+        assert "pld-blocks" not in best_epsilon(other, 1e-5).by_method

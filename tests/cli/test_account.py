@@ -43,7 +43,7 @@ def test_account_json_has_documented_shape_and_best_is_min_of_certified() -> Non
     assert payload["certified"] is True
     assert payload["delta"] == 1e-5
     certified = certified_values(payload)
-    assert set(certified) == {"rdp", "pld"}
+    assert set(certified) == {"rdp", "pld", "pld-blocks"}  # k = 2 of 16: the blocks apply
     assert payload["epsilon"] == min(certified.values())
     assert payload["method"] == min(certified, key=certified.__getitem__)
     expected_event = training_event("balanced", 2.0, 16, k=2)
@@ -234,3 +234,32 @@ def test_balanced_reports_a_certified_bracket_with_its_methods() -> None:
 def test_poisson_has_no_balanced_bracket() -> None:
     args = ["--sampler", "poisson", "--sigma", "2", "--steps", "16", "--q", "0.125"]
     assert "bracket" not in account_json([*args, "--delta", "1e-5"])
+
+
+def test_balanced_k_above_one_bracket_names_the_block_pld_when_it_is_the_upper_bound() -> None:
+    """k > 1: the bracket's upper bound is the best certified one, pld-blocks included, named
+    with its method; the certified lower bound below it names its own."""
+    args = ["--sampler", "balanced", "--sigma", "0.8", "--steps", "200", "--k", "4"]
+    payload = account_json([*args, "--delta", "1e-5"])
+    certified = certified_values(payload)
+    assert {"rdp", "pld", "pld-blocks"} <= certified.keys()
+    assert certified["pld-blocks"] < certified["pld"]  # tighter than the k-fold reduction
+    bracket = payload["bracket"]
+    assert bracket["upper"] == payload["epsilon"] == min(certified.values())
+    assert bracket["upper_method"] == payload["method"] == "pld-blocks"
+    assert "block PLD" in bracket["upper_how"]
+    assert 0 < bracket["lower"] <= bracket["upper"]
+    assert "lower bound" in bracket["lower_method"]
+    table = invoke(["account", *args, "--delta", "1e-5"])
+    assert table.exit_code == 0, table.output
+    assert "upper: pld-blocks" in " ".join(table.stdout.split())
+    only = account_json([*args, "--delta", "1e-5", "--method", "pld-blocks"])
+    assert only["method"] == "pld-blocks"
+    assert only["epsilon"] == certified["pld-blocks"]
+
+
+def test_pld_blocks_is_skipped_where_it_equals_pld() -> None:
+    args = ["--sampler", "balanced", "--sigma", "2", "--steps", "16", "--k", "1"]
+    payload = account_json([*args, "--delta", "1e-5"])
+    assert "pld-blocks" not in payload["by_method"]
+    assert {"rdp", "pld"} <= payload["by_method"].keys()

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from asymflow.accounting.best import best_epsilon
+from asymflow.accounting.best import DEFAULT_METHODS, best_epsilon
 from asymflow.accounting.events import check_delta
 from asymflow.accounting.schedule import training_event
 
@@ -73,7 +73,7 @@ def noise_for_epsilon(
     epochs: int = 1,
     parts: int = 1,
     shared: bool = False,
-    methods: tuple[str, ...] = ("rdp", "pld"),
+    methods: tuple[str, ...] = DEFAULT_METHODS,
     rel_tol: float = 1e-3,
 ) -> Calibration:
     """Smallest sigma (to ``rel_tol``) with best certified epsilon <= ``target_epsilon``."""

@@ -42,8 +42,8 @@ from asymflow.cli.common import (
 from asymflow.cli.epsilon_plot import plot_epsilon_vs_epochs
 from asymflow.cli.schedule import Query, describe_query, parse_query, parse_schedule
 
-ACCOUNT_METHODS = ("rdp", "pld", "mc", "best")
-CALIBRATE_METHODS = ("rdp", "pld", "best")
+ACCOUNT_METHODS = ("rdp", "pld", "pld-blocks", "mc", "best")
+CALIBRATE_METHODS = ("rdp", "pld", "pld-blocks", "best")
 
 SamplerOpt = Annotated[
     str | None,
@@ -82,9 +82,10 @@ def account(
     method: Annotated[
         str | None,
         typer.Option(
-            metavar="[rdp|pld|mc|best]",
-            help="Which ε to report: rdp, pld (certified), mc (estimate, balanced only) or "
-            "best (smallest certified). \\[default: best]",
+            metavar="[rdp|pld|pld-blocks|mc|best]",
+            help="Which ε to report: rdp, pld, pld-blocks (certified; pld-blocks bounds balanced "
+            "k >= 2 through 2-of-m blocks, ~1-2 s), mc (estimate, balanced only) or best "
+            "(smallest certified). \\[default: best]",
         ),
     ] = None,
     plot: Annotated[
@@ -150,7 +151,7 @@ def calibrate(
     method: Annotated[
         str | None,
         typer.Option(
-            metavar="[rdp|pld|best]",
+            metavar="[rdp|pld|pld-blocks|best]",
             help="Certified method to calibrate against. \\[default: best]",
         ),
     ] = None,
@@ -267,7 +268,8 @@ def print_account(result: dict[str, Any]) -> None:
             console.print(
                 f"bracket: {fmt(b['lower'])} <= ε <= {fmt(b['upper'])}"
                 + (f" (width {100 * width:.1f}%)" if width is not None else "")
-                + f"; upper: {b['upper_how']}; lower: {b['lower_method']} "
+                + f"; upper: {b['upper_method']} ({b['upper_how']}); "
+                f"lower: {b['lower_method']} "
                 f"({b['seconds']:.2f} s)",
                 style="dim",
             )

@@ -10,14 +10,14 @@ from typing import Any
 from rich.progress import Progress
 
 from asymflow.accounting.allocation import MIN_SIGMA
-from asymflow.accounting.best import best_epsilon
+from asymflow.accounting.balanced_pld import uses_blocks
+from asymflow.accounting.best import CERTIFIED_METHODS, DEFAULT_METHODS, best_epsilon
 from asymflow.accounting.events import Event
 from asymflow.accounting.pld import PldAccountant
-from asymflow.accounting.rdp import RdpAccountant
 from asymflow.cli.common import CliInputError
 from asymflow.cli.schedule import Query
 
-CERTIFIED = ("rdp", "pld")
+CERTIFIED = DEFAULT_METHODS  # rdp, pld, pld-blocks
 MC_CONFIDENCE = 0.95
 MC_DEFAULT_SAMPLES = 100_000
 MC_SEED = 0
@@ -32,7 +32,7 @@ def _certified_epsilon(
 ) -> tuple[float | None, float, str | None]:
     """(ε or None if unsupported, seconds, reason) of one certified method via ``best_epsilon``."""
     start = time.perf_counter()
-    accountant = RdpAccountant() if method == "rdp" else PldAccountant()
+    accountant = CERTIFIED_METHODS[method]()
     if not accountant.supports(event):
         return None, 0.0, f"{method} cannot bound this event"
     report = best_epsilon(event, delta, (method,))
@@ -79,11 +79,11 @@ def _shuffle_lower_bound(query: Query) -> float:
 def check_supported(query: Query, methods: tuple[str, ...]) -> None:
     """Refuse, before any work, a schedule that none of ``methods`` can bound."""
     event = query.event()
-    if not any((RdpAccountant if m == "rdp" else PldAccountant)().supports(event) for m in methods):
+    if not any(CERTIFIED_METHODS[m]().supports(event) for m in methods):
         hint = ""
         if query.parts > 1:
             hint = "; model partitioning (--parts > 1) is supported with --sampler poisson"
-        elif "pld" in methods and query.sigma < MIN_SIGMA:
+        elif any(m.startswith("pld") for m in methods) and query.sigma < MIN_SIGMA:
             hint = f"; the PLD accountant needs --sigma >= {MIN_SIGMA}"
         raise CliInputError(
             f"no certified accountant ({', '.join(methods)}) bounds --sampler {query.sampler} "
@@ -100,7 +100,14 @@ def run_account(
     batches get only a lower bound: ``epsilon`` is None and ``lower_bound`` holds the value.
     """
     want_mc = method == "mc" or mc_samples is not None
-    n_tasks = 1 if query.sampler == "shuffle" else len(CERTIFIED) + int(want_mc)
+    event = query.event() if query.sampler != "shuffle" else None
+    names = [
+        name
+        for name in CERTIFIED
+        # pld-blocks on an event without a k-of-T pass (k >= 2) is the same computation as pld
+        if name != "pld-blocks" or method == name or (event is not None and uses_blocks(event))
+    ]
+    n_tasks = 1 if query.sampler == "shuffle" else len(names) + int(want_mc)
     n_tasks += int(query.sampler == "balanced" and query.parts == 1)
     task = progress.add_task("accounting", total=n_tasks) if progress is not None else None
 
@@ -138,12 +145,12 @@ def run_account(
         )
         return out
 
-    event = query.event()
+    assert event is not None
     by_method: dict[str, float] = {}
     kinds: dict[str, str] = {}
     seconds: dict[str, float] = {}
     unsupported: dict[str, str] = {}
-    for name in CERTIFIED:
+    for name in names:
         step(f"{name}: certified bound")
         eps, secs, reason = _certified_epsilon(event, query.delta, name)
         done()
@@ -159,7 +166,7 @@ def run_account(
         by_method["mc"], kinds["mc"], seconds["mc"] = mc["epsilon"], KIND_ESTIMATE, mc["seconds"]
         out["mc"] = mc
     certified = {m: by_method[m] for m in CERTIFIED if m in by_method}
-    if method in ("rdp", "pld") and method not in certified:
+    if method in CERTIFIED and method not in certified:
         raise CliInputError(f"--method {method} cannot bound this schedule ({unsupported[method]})")
     if method == "best":
         if not certified:
@@ -204,6 +211,7 @@ def _balanced_bracket(query: Query, upper: float, certified: dict[str, float]) -
         how = {
             "rdp": "exact k-of-T remove RDP (profile program) / block relaxation; add: reduction",
             "pld": "PLD of the k-fold reduction to 1-of-floor(T/k) (Feldman & Shenfeld)",
+            "pld-blocks": "block PLD: floor(k/2) 2-of-floor(2T/k) pairs via 4-part partitions",
         }[upper_method]
     return {
         "lower": lower,

@@ -11,9 +11,9 @@ and ledger writes (the durable row before a release and its "released" mark), fo
 - ``train s1``: a stage-1 step (M_main learns from the main part; nothing leaves; M_bb is
   frozen at its seeded init by default, trained too with ``backbone="trained"``);
 - ``train s2``: a stage-2 step with a per-epoch release, as ``asymflow.delta.train`` runs it:
-  the release pass (M_bb, decomposition, sanitizer; one ledger row per release of the whole
-  training set, so its cost is divided by the training-set size) and M_main's step on the
-  same views (M_bb frozen, its IR recomputed);
+  the release pass (M_bb, decomposition, sanitizer in cache-sized chunks; one ledger row per
+  release of the whole training set, so its cost is divided by the training-set size) and
+  M_main's step on the same views (M_bb frozen, its IR recomputed);
 - ``infer``: a query batch as ``asymflow.delta.infer`` serves it (ledger row, M_bb,
   decomposition, M_main, sanitizer, "released" mark);
 
@@ -58,7 +58,7 @@ from torch.nn import functional
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.data import load_digits
 from asymflow.delta.decompose import decompose
-from asymflow.delta.private import PrivateModel
+from asymflow.delta.private import PrivateModel, release_chunk_rows
 from asymflow.delta.runs import DeltaConfig
 from asymflow.delta.sanitize import Sanitizer
 from asymflow.delta.train import build_original, build_private
@@ -201,13 +201,16 @@ class Bench:
         release.done()
         clock.seconds["ledger"] += (time.perf_counter() - began) * len(x) / self.n_train
         model.eval()
-        with torch.no_grad():
-            with clock("stem"):
-                ir = model.ir(x)
-            with clock("decomp"):
-                dec = decompose(ir, r=model.r, t=model.t, t_low=model.t_low)
-        with clock("sanitize"):
-            sanitizer.sanitize(dec.residual, release)
+        c = self.config
+        rows = release_chunk_rows(c.ir_channels * c.image_size**2, c.eval_batch_size)
+        for i in range(0, len(x), rows):  # train.py's release chunks
+            with torch.no_grad():
+                with clock("stem"):
+                    ir = model.ir(x[i : i + rows])
+                with clock("decomp"):
+                    dec = decompose(ir, r=model.r, t=model.t, t_low=model.t_low)
+            with clock("sanitize"):
+                sanitizer.sanitize(dec.residual, release)
         model.train()
         with clock("stem"), torch.no_grad():
             ir = model.ir(x)

@@ -67,6 +67,7 @@ from asymflow.delta.private import (
     calibrated_sigma,
     concat_released,
     make_mechanism,
+    release_chunk_rows,
     release_tensors,
 )
 from asymflow.delta.public import LocalPublic, PublicSide, ensemble_logits
@@ -659,7 +660,9 @@ class _Run:
         """Lazily :meth:`leaving` of ``views``, in row order."""
         assert isinstance(self.model, PrivateModel)
         self.model.eval()
-        for idx in _chunks(len(views), self.config.eval_batch_size):
+        c = self.config
+        rows = release_chunk_rows(c.ir_channels * self.height * self.width, c.eval_batch_size)
+        for idx in _chunks(len(views), rows):  # cache-sized: M_bb, SVD, sanitizer per chunk
             yield self.leaving(views[torch.from_numpy(idx)])
 
     def sigma(self) -> float:

@@ -83,14 +83,18 @@ def _grid(values: np.ndarray, mass: np.ndarray, points: int) -> np.ndarray:
     of relative spacing: a coarse log grid over the positive range (points/4) and a fine one
     over the bulk, the mass quantiles 1e-9 to 1 - 1e-9 (3 points/4). Any grid is valid (the
     spread keeps the mean); relative spacing keeps the added spread small in the heavy tail."""
-    lo, hi = float(values.min()), float(values.max())
+    order = np.argsort(values)
+    return _grid_sorted(values[order], mass[order], points)
+
+
+def _grid_sorted(vs: np.ndarray, ms: np.ndarray, points: int) -> np.ndarray:
+    """:func:`_grid` of atoms already sorted by value."""
+    lo, hi = float(vs[0]), float(vs[-1])
     if hi <= lo * (1 + 1e-12) + 1e-300:
         return np.array([lo, hi * (1 + 1e-9) + 1e-300])
-    pos = values > 0
-    order = np.argsort(values)
-    cdf = np.cumsum(mass[order]) / mass.sum()
-    vs = values[order]
-    p_min = float(values[pos].min())
+    cdf = np.cumsum(ms)
+    cdf /= cdf[-1]
+    p_min = float(vs[np.searchsorted(vs, 0.0, side="right")])
     b_lo = max(float(vs[min(np.searchsorted(cdf, 1e-9), cdf.size - 1)]), p_min)
     b_hi = max(float(vs[min(np.searchsorted(cdf, 1 - 1e-9), cdf.size - 1)]), b_lo * (1 + 1e-9))
     coarse = np.geomspace(p_min, hi, points // 4)
@@ -101,17 +105,26 @@ def _grid(values: np.ndarray, mass: np.ndarray, points: int) -> np.ndarray:
 
 def _spread(values: np.ndarray, mass: np.ndarray, points: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean-preserving spread of the atoms onto a grid of about ``points`` points: each atom is
-    split between the two grid points around it with the weights that keep its mean."""
+    split between the two grid points around it with the weights that keep its mean.
+
+    The atoms are sorted once; each one's cell (the last grid point <= it, at most the
+    next-to-last) is then read off the grid points' positions among the sorted atoms, which
+    is the same cell as a search of every atom in the grid, only cheaper."""
     keep = mass > 0
     values, mass = values[keep], mass[keep]
     if values.size <= points:
         return values, mass
-    grid = _grid(values, mass, points)
-    idx = np.clip(np.searchsorted(grid, values, side="right") - 1, 0, grid.size - 2)
+    order = np.argsort(values)
+    vs, ms = values[order], mass[order]
+    grid = _grid_sorted(vs, ms, points)
+    # Atoms in [grid[j], grid[j+1]) have cell j; grid[0] = vs[0], so every atom has a cell.
+    starts = np.searchsorted(vs, grid, side="left")
+    counts = np.diff(np.append(starts, vs.size))
+    idx = np.minimum(np.repeat(np.arange(grid.size), counts), grid.size - 2)
     left, right = grid[idx], grid[idx + 1]
-    frac = np.clip((values - left) / (right - left), 0.0, 1.0)
-    out = np.bincount(idx, mass * (1 - frac), minlength=grid.size)
-    out += np.bincount(idx + 1, mass * frac, minlength=grid.size)
+    frac = np.clip((vs - left) / (right - left), 0.0, 1.0)
+    out = np.bincount(idx, ms * (1 - frac), minlength=grid.size)
+    out += np.bincount(idx + 1, ms * frac, minlength=grid.size)
     nz = out > 0
     return grid[nz], out[nz]
 

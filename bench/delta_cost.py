@@ -62,14 +62,12 @@ from asymflow.delta.private import PrivateModel, release_chunk_rows
 from asymflow.delta.runs import DeltaConfig
 from asymflow.delta.sanitize import Sanitizer
 from asymflow.delta.train import build_original, build_private
+from delta_cifar import PRIVATE_RANKS, PRIVATE_WIDTHS  # the CIFAR bench's private model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CHART = ROOT / "docs" / "delta_cost.png"
 
-# The CIFAR bench's private model (bench/delta_cifar.py).
-PRIVATE_WIDTHS = (16, 64, 128)
-PRIVATE_RANKS = (8, 12, 24)
 CIFAR_TRAIN_SIZE = 50_000
 CLASSES = 10
 COMPONENTS = ("stem", "decomp", "main", "sanitize", "ledger")

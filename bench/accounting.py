@@ -242,7 +242,7 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def slow_query(r: Any, name: str) -> dict[str, Any]:
+def slow_query(r: Row, name: str) -> dict[str, Any]:
     """One query of row ``r`` that missed the time target: its setting and CPU/wall seconds."""
     return {
         "sigma": r.sigma,

@@ -23,8 +23,13 @@ from typing import Any
 import numpy as np
 
 from asymflow.accounting.best import best_epsilon
-from asymflow.accounting.events import Composed, NonPrivate, SelfComposed
-from asymflow.accounting.ledger import LEDGER_FILENAME, LedgerEntry, PrivacyLedger
+from asymflow.accounting.events import NonPrivate
+from asymflow.accounting.ledger import (
+    LEDGER_FILENAME,
+    LedgerEntry,
+    PrivacyLedger,
+    population_events,
+)
 from asymflow.delta.runs import PREVIEW_FILE, RESULT_FILE, DeltaConfig, read_config, read_metrics
 from asymflow.delta.train import RunResult, fork_stage1, train_delta
 
@@ -61,17 +66,12 @@ def _kind(entry: LedgerEntry, config: DeltaConfig) -> str:
 
 
 def _epsilon_of(entries: list[LedgerEntry], delta: float) -> float | None:
-    """Per-record epsilon of a group of rows: the worst scope (rows of a scope compose)."""
+    """Per-record epsilon of a group of rows: the worst population (dataset and scope; only
+    the rows of one population compose)."""
     if not entries:
         return None
-    scopes: dict[str, list[LedgerEntry]] = {}
-    for e in entries:
-        scopes.setdefault(e.scope, []).append(e)
-    worst = 0.0
-    for rows in scopes.values():
-        event = Composed(tuple(SelfComposed(r.event, r.count) for r in rows))
-        worst = max(worst, best_epsilon(event, delta).epsilon)
-    return worst
+    events = population_events(entries).values()
+    return max(best_epsilon(event, delta).epsilon for event in events)
 
 
 def load_run(run_dir: str | os.PathLike[str], name: str | None = None) -> RunSummary:

@@ -36,7 +36,9 @@ from asymflow.accounting.ledger import (
     LEDGER_FILENAME,
     SCHEMA_VERSION,
     LedgerEntry,
+    Population,
     PrivacyLedger,
+    population_events,
 )
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -164,6 +166,77 @@ def test_epsilon_is_recomputed_from_the_matching_rows(tmp_path: Path) -> None:
     assert shard_b.certified
     assert shard_b.method in shard_b.by_method
     assert shard_a.epsilon > shard_b.epsilon
+
+
+def test_rows_of_two_datasets_never_compose_into_one_epsilon(tmp_path: Path) -> None:
+    """The demo's case: training rows of "digits" and an evaluation row of "digits/test"."""
+    delta = 1e-5
+    train = SelfComposed(Gaussian(2.0), 4)
+    test = Gaussian(1.5)
+    with PrivacyLedger(tmp_path / LEDGER_FILENAME) as ledger:
+        ledger.record(Gaussian(2.0), dataset="digits", scope="train", count=4)
+        ledger.record(test, dataset="digits/test", scope="eval")
+        assert ledger.datasets() == ["digits", "digits/test"]
+        with pytest.raises(ValueError, match="dataset must name one of the ledger's datasets"):
+            ledger.epsilon(delta)
+        with pytest.raises(ValueError, match="dataset must name one of the ledger's datasets"):
+            ledger.composed_event()
+        reports = ledger.epsilons(delta)
+        assert list(reports) == [Population("digits", "train"), Population("digits/test", "eval")]
+        training = ledger.epsilon(delta, dataset="digits")
+        evaluation = ledger.epsilon(delta, dataset="digits/test")
+    assert training.epsilon == pytest.approx(best_epsilon(train, delta).epsilon, rel=1e-9)
+    assert evaluation.epsilon == pytest.approx(best_epsilon(test, delta).epsilon, rel=1e-9)
+    assert reports[Population("digits", "train")].epsilon == training.epsilon
+    assert reports[Population("digits/test", "eval")].epsilon == evaluation.epsilon
+    both = best_epsilon(Composed((train, test)), delta).epsilon
+    assert max(training.epsilon, evaluation.epsilon) < both
+
+
+def test_a_dataset_reports_its_worst_scope_and_each_scope_keeps_the_all_rows(
+    tmp_path: Path,
+) -> None:
+    delta = 1e-5
+    with PrivacyLedger(tmp_path / LEDGER_FILENAME) as ledger:
+        ledger.record(Gaussian(3.0), dataset="d")
+        ledger.record(Gaussian(1.0), dataset="d", scope="a")
+        ledger.record(Gaussian(2.0), dataset="d", scope="b", count=2)
+        with pytest.raises(ValueError, match=r"scope must name one of dataset 'd'.s scopes"):
+            ledger.composed_event(dataset="d")
+        events = population_events(ledger.entries())
+        worst = ledger.epsilon(delta, dataset="d")
+        scoped = {s: ledger.epsilon(delta, dataset="d", scope=s).epsilon for s in "ab"}
+    assert events == {
+        Population("d", "all"): Composed((SelfComposed(Gaussian(3.0), 1),)),
+        Population("d", "a"): Composed(
+            (SelfComposed(Gaussian(3.0), 1), SelfComposed(Gaussian(1.0), 1))
+        ),
+        Population("d", "b"): Composed(
+            (SelfComposed(Gaussian(3.0), 1), SelfComposed(Gaussian(2.0), 2))
+        ),
+    }
+    assert worst.epsilon == max(scoped.values())
+    everything = best_epsilon(Composed(tuple(events.values())), delta).epsilon
+    assert worst.epsilon < everything
+
+
+def test_a_ledger_written_before_populations_still_reads(tmp_path: Path) -> None:
+    """Schema 1 as earlier versions wrote it, filled by plain SQL: same file, same answers."""
+    path = tmp_path / LEDGER_FILENAME
+    PrivacyLedger(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "INSERT INTO events (created, dataset, scope, count, event_json, note, status) "
+        "VALUES (0, 'digits', 'all', 2, '{\"sigma\": 1.0, \"type\": \"Gaussian\"}', '', "
+        "'released')"
+    )
+    conn.commit()
+    conn.close()
+    with PrivacyLedger(path) as ledger:
+        assert ledger.composed_event() == Composed((SelfComposed(Gaussian(1.0), 2),))
+        assert ledger.epsilon(1e-5).epsilon == pytest.approx(
+            best_epsilon(SelfComposed(Gaussian(1.0), 2), 1e-5).epsilon
+        )
 
 
 # --- Validation -----------------------------------------------------------------------------

@@ -5,6 +5,13 @@ release happens. A crash between the two leaves a row for a release that never h
 so the ledger can over-report the privacy loss but never under-report it. The epsilon of
 a run is always recomputed from the rows; no running total is stored that could drift.
 
+Populations: a row of ``dataset`` and ``scope`` affects the records of that dataset in that
+scope, and a row of scope ``"all"`` every record of its dataset. A record lies in one dataset
+and in at most one scope, so a :class:`Population` (dataset, scope) composes its own rows
+with its dataset's ``"all"`` rows and nothing else: rows of two datasets (the training
+records and a test split, say) or of two scopes are never composed into one figure. A
+dataset's epsilon per record is the largest of its populations'.
+
 Durability comes from SQLite's write-ahead log with ``synchronous=FULL`` (every commit is
 fsynced before :meth:`PrivacyLedger.record` returns), and concurrent writers from several
 processes are serialized by SQLite's file locks with a busy timeout.
@@ -15,7 +22,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from os import PathLike
@@ -80,6 +87,35 @@ class LedgerEntry:
     status: str
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class Population:
+    """The records of ``dataset`` in ``scope`` (scope ``"all"``: those in no other scope)."""
+
+    dataset: str
+    scope: str
+
+
+def population_events(entries: Iterable[LedgerEntry]) -> dict[Population, Event]:
+    """The composed event of each population of ``entries``, in order of first row.
+
+    A population's event is ``Composed(SelfComposed(event_i, count_i))`` over the rows of its
+    dataset whose scope is its own or ``"all"``, in row order (adaptive composition of what
+    can affect one of its records); there is one population per (dataset, scope) of the rows.
+    """
+    rows = list(entries)
+    populations = dict.fromkeys(Population(e.dataset, e.scope) for e in rows)
+    return {
+        p: Composed(
+            tuple(
+                SelfComposed(e.event, e.count)
+                for e in rows
+                if e.dataset == p.dataset and e.scope in (p.scope, ALL_SCOPE)
+            )
+        )
+        for p in populations
+    }
+
+
 @contextmanager
 def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``: take the write lock up front (waiting up to the busy
@@ -110,12 +146,13 @@ class PrivacyLedger:
     """SQLite-backed privacy ledger (one database per run directory).
 
     Rows are only ever appended; the only update is the informational status change
-    ``pending -> released``. :meth:`composed_event` turns the matching rows into one
-    ``Composed`` event, and :meth:`epsilon` bounds it with the best available accountant.
+    ``pending -> released``. :meth:`composed_event` turns the rows of one population into one
+    ``Composed`` event, :meth:`epsilon` bounds it (or a dataset's worst population) with the
+    best available accountant, and :meth:`epsilons` lists every population's.
 
     Scopes model releases that touch only part of a dataset (for example one shard, or the
     queries of one user). A record in scope ``S`` is affected by rows of scope ``S`` and by
-    rows of scope ``"all"``, so selecting ``scope=S`` returns both.
+    rows of scope ``"all"``, so selecting ``scope=S`` returns both (module docstring).
     """
 
     def __init__(self, path: str | PathLike[str]) -> None:
@@ -285,26 +322,94 @@ class PrivacyLedger:
             )
         ]
 
-    def composed_event(self, dataset: str | None = None, scope: str | None = None) -> Event:
-        """``Composed(SelfComposed(event_i, count_i) for each matching row)``, in row order.
+    def datasets(self) -> list[str]:
+        """The datasets of the rows, in order of first row."""
+        query = "SELECT dataset FROM events GROUP BY dataset ORDER BY MIN(id)"
+        return [name for (name,) in self._connection().execute(query).fetchall()]
 
-        Adaptive composition of every recorded release that can affect a record of
-        ``dataset`` in ``scope`` (selection as in :meth:`entries`); empty when none match.
+    def _one_dataset(self, dataset: str | None) -> str | None:
+        """``dataset``, or the ledger's only dataset (None when empty); several are refused."""
+        if dataset is not None:
+            return _check_text("dataset", dataset)
+        names = self.datasets()
+        if len(names) > 1:
+            raise ValueError(
+                f"dataset must name one of the ledger's datasets {names}, got dataset=None "
+                "(rows of different datasets are different populations and never compose)"
+            )
+        return names[0] if names else None
+
+    def composed_event(self, dataset: str | None = None, scope: str | None = None) -> Event:
+        """The composed event of one population (see :func:`population_events`).
+
+        ``dataset=None`` means the ledger's only dataset and ``scope=None`` that dataset's
+        only scope besides ``"all"`` (whose rows it includes); a ``ValueError`` names the
+        choices when there are several. Empty when no row matches.
         """
-        return Composed(tuple(SelfComposed(e.event, e.count) for e in self.entries(dataset, scope)))
+        name = self._one_dataset(dataset)
+        if name is None:
+            return Composed(())
+        events = population_events(self.entries(name, scope))
+        if scope is not None:
+            return events.get(Population(name, scope), self._all_rows(events, name))
+        named = [p for p in events if p.scope != ALL_SCOPE]
+        if len(named) > 1:
+            scopes = sorted(p.scope for p in named)
+            raise ValueError(
+                f"scope must name one of dataset {name!r}'s scopes {scopes}, got scope=None "
+                "(rows of different scopes are different populations and never compose)"
+            )
+        return events[named[0]] if named else self._all_rows(events, name)
+
+    @staticmethod
+    def _all_rows(events: dict[Population, Event], dataset: str) -> Event:
+        """The event of a scope without rows of its own: the dataset's ``"all"`` rows."""
+        return events.get(Population(dataset, ALL_SCOPE), Composed(()))
+
+    def epsilons(
+        self,
+        delta: float,
+        dataset: str | None = None,
+        methods: tuple[str, ...] | None = None,
+    ) -> dict[Population, EpsilonReport]:
+        """Certified epsilon at ``delta`` of every population (of ``dataset`` if given), each
+        recomputed from its own rows; populations with the same event are bounded once."""
+        check_delta(delta)
+        from asymflow.accounting.best import DEFAULT_METHODS, best_epsilon
+
+        bounds: dict[Event, EpsilonReport] = {}
+        out: dict[Population, EpsilonReport] = {}
+        for population, event in population_events(self.entries(dataset)).items():
+            if event not in bounds:
+                bounds[event] = best_epsilon(event, delta, methods or DEFAULT_METHODS)
+            out[population] = bounds[event]
+        return out
 
     def epsilon(
-        self, delta: float, dataset: str | None = None, scope: str | None = None
+        self,
+        delta: float,
+        dataset: str | None = None,
+        scope: str | None = None,
+        methods: tuple[str, ...] | None = None,
     ) -> EpsilonReport:
-        """Certified epsilon at ``delta`` of :meth:`composed_event`, recomputed from the rows.
+        """Certified epsilon at ``delta`` of one population, or with ``scope=None`` of one
+        dataset: the largest over its populations (a record lies in one scope).
 
-        Delegates to :func:`asymflow.accounting.best.best_epsilon`, which takes the smallest
-        valid upper bound among the accountants that support the event.
+        ``dataset=None`` means the ledger's only dataset (several are refused). Delegates to
+        :func:`asymflow.accounting.best.best_epsilon` (smallest valid upper bound among the
+        accountants that support the event, ``methods`` if given); 0 without rows.
         """
         check_delta(delta)
-        from asymflow.accounting.best import best_epsilon
+        from asymflow.accounting.best import DEFAULT_METHODS, best_epsilon
 
-        return best_epsilon(self.composed_event(dataset, scope), delta)
+        name = self._one_dataset(dataset)
+        if name is None or scope is not None:
+            event = Composed(()) if name is None else self.composed_event(name, scope)
+            return best_epsilon(event, delta, methods or DEFAULT_METHODS)
+        reports = self.epsilons(delta, name, methods)
+        if not reports:
+            return best_epsilon(Composed(()), delta, methods or DEFAULT_METHODS)
+        return max(reports.values(), key=lambda r: r.epsilon)
 
     def close(self) -> None:
         """Close the connection (idempotent). Committed rows are already on disk."""

@@ -29,15 +29,18 @@ and ``DpsgdResult.epsilon``: every release over the training set, composed per r
 nominal one. Stage 1 releases nothing; it is trained once per seed and data set (the main-only
 run) and forked into every other two-stage run with :func:`fork_stage1`.
 
-Budget (one thread per run, runs one after another; the measured wall time is in the JSON):
+Budget (one torch thread per run, ``--jobs`` runs at a time, default 2 on this 2-core
+machine; the measured wall time is in the JSON). Each data set is sized to finish in under 30
+minutes from scratch with ``--jobs 2`` on an otherwise idle machine:
 
 - digits (1,437 training / 360 test images, 16x16; 10% of the training rows held out of
   every private model to fit w): the demo's models; 6 epochs of stage 1, 6 of stage 2 with
   a fresh release per epoch, M_res 3 epochs per release (``public_epochs``), 2 folds;
   DP-SGD 20 epochs at batch 256. 23 runs per seed, 69 in all.
-- cifar (a seeded, stratified subset of ``../shared/data/cifar10-jpg``, 2,000 training / 500
+- cifar (a seeded, stratified subset of ``../shared/data/cifar10-jpg``, 1,000 training / 500
   test images, 32x32): the CIFAR bench's models (bench/delta_cifar.py); 3 epochs of stage 1,
-  3 of stage 2; DP-SGD 6 epochs.
+  3 of stage 2; DP-SGD 6 epochs. (At 2,000 training images one Delta run takes about 95 s
+  of stage 2 on one thread, which puts the 69 runs near an hour.)
 - ``--quick``: digits with 3 + 3 epochs (DP-SGD 5), one seed, eps in {8, inf}.
 
 Writes ``bench/results/delta_frontier_<data>.json`` and ``.png`` (``-quick`` with
@@ -56,6 +59,7 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import shutil
 import statistics
 import subprocess
@@ -63,6 +67,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +156,7 @@ def memoize_padded_sigma() -> None:
 def data_spec(data: str, quick: bool) -> str:
     if data == "digits":
         return "digits"
-    n_train, n_test = (600, 300) if quick else (2000, 500)
+    n_train, n_test = (600, 300) if quick else (1000, 500)
     return f"cifar10:{CIFAR}@{n_train},{n_test}"
 
 
@@ -672,18 +677,9 @@ def bench(data: str, args: argparse.Namespace, console: Console, log: Callable[[
         console.print(f"[yellow]DeltaConfig lacks {dropped}: dropped from the protocol[/]")
     if "sample_k" not in known_fields():
         console.print("[yellow]no release='padded' in this DeltaConfig: no padded rows[/]")
-    log(f"{data}: {len(runs)} runs")
+    log(f"{data}: {len(runs)} runs, {args.jobs} at a time")
     began = time.perf_counter()
-    rows = []
-    progress = sys.stderr.isatty() and not args.no_progress
-    for i, p in enumerate(runs, 1):
-        row = run_one(p, out, progress)
-        rows.append(row)
-        log(
-            f"[{i}/{len(runs)}] {data} seed {p.seed} {p.family} eps {_f(p.epsilon, 'g')}: "
-            f"acc {_f(row['accuracy'])} eps certified {_f(row['epsilon'])} "
-            f"({row['seconds']:.0f} s, total {time.perf_counter() - began:.0f} s)"
-        )
+    rows = run_all(runs, out, args.jobs, args.no_progress, data, log)
     seconds = time.perf_counter() - began
     summary = summarize(rows)
     title = f"Delta frontier on {data}{' (quick)' if args.quick else ''}"
@@ -713,6 +709,49 @@ def bench(data: str, args: argparse.Namespace, console: Console, log: Callable[[
     png = save_plot(summary, title, stem, copy=not args.quick and families == set(FAMILY_ORDER))
     log(f"wrote {RESULTS / f'{stem}.json'} and {png}")
     return 0
+
+
+def run_all(
+    runs: list[Planned],
+    out: Path,
+    jobs: int,
+    no_progress: bool,
+    data: str,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Every planned run, ``jobs`` processes at a time (one torch thread each), in two waves:
+    the main-only runs first (every other run of a seed forks their stage 1), then the rest.
+    Rows come back in plan order."""
+    began = time.perf_counter()
+    done = 0
+
+    def report(p: Planned, row: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
+        log(
+            f"[{done}/{len(runs)}] {data} seed {p.seed} {p.family} eps {_f(p.epsilon, 'g')}: "
+            f"acc {_f(row['accuracy'])} eps certified {_f(row['epsilon'])} "
+            f"({row['seconds']:.0f} s, total {time.perf_counter() - began:.0f} s)"
+        )
+
+    rows: dict[int, dict[str, Any]] = {}
+    first = [i for i, p in enumerate(runs) if p.family == "main-only"]
+    waves = [first, [i for i in range(len(runs)) if i not in first]]
+    if jobs == 1:
+        progress = sys.stderr.isatty() and not no_progress
+        for i in (i for wave in waves for i in wave):
+            rows[i] = run_one(runs[i], out, progress)
+            report(runs[i], rows[i])
+        return [rows[i] for i in range(len(runs))]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=memoize_padded_sigma) as pool:
+        for wave in waves:
+            futures = {pool.submit(run_one, runs[i], out, False): i for i in wave}
+            for future in as_completed(futures):
+                i = futures[future]
+                rows[i] = future.result()
+                report(runs[i], rows[i])
+    return [rows[i] for i in range(len(runs))]
 
 
 def replot(data: str, quick: bool, docs: bool) -> None:
@@ -748,6 +787,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--seeds", type=int, choices=(1, 2, 3), help="seeds 0..N-1 (default 3; --quick: 1)"
+    )
+    parser.add_argument(
+        "--jobs", type=int, choices=(1, 2, 3, 4), default=2, help="runs at a time (default 2)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "delta_frontier_runs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

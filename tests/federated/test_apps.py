@@ -5,17 +5,10 @@ ledger and the run directory."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from flwr.app import Context, Message, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from asymflow.accounting import BalancedSampled, Gaussian, SelfComposed, best_epsilon
 from asymflow.accounting.ledger import PrivacyLedger
@@ -24,69 +17,15 @@ from asymflow.federated.config import FederatedConfig
 from asymflow.federated.network import build_network, partition_plan
 from asymflow.federated.runs import read_metrics
 from asymflow.federated.server_app import serve
-from asymflow.federated.strategy import BLOCK_KEY, CONFIG_KEY, UPDATE_KEY
+from asymflow.federated.strategy import BLOCK_KEY
+from tests.federated.direct import DirectGrid, set_task_identity
 
 RDP = ("rdp",)
 
 
-class DirectGrid(Grid):
-    """A Grid whose nodes run ``app`` in this process; it records every exchange (one call
-    per round for training, then one for client evaluation, which is always empty here)."""
-
-    def __init__(self, app: ClientApp, node_ids: list[int]) -> None:
-        self.app = app
-        self.node_ids = node_ids
-        self.calls: list[list[tuple[int, dict[str, Any], set[str]]]] = []
-
-    def set_run(self, run: Any) -> None:  # pragma: no cover - unused
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Any:  # pragma: no cover - unused
-        raise NotImplementedError
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # pragma: no cover
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies, exchanged = [], []
-        partition = {node: i for i, node in enumerate(self.node_ids)}
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            node = message.metadata.dst_node_id
-            context = Context(
-                run_id=1,
-                node_id=node,
-                node_config={"partition-id": partition[node], "num-partitions": len(partition)},
-                state=RecordDict(),
-                run_config={},
-            )
-            reply = self.app(message, context)
-            assert reply.metadata.src_node_id == node
-            config = dict(message.content.config_records[CONFIG_KEY])
-            exchanged.append((node, config, set(reply.content.array_records[UPDATE_KEY])))
-            replies.append(reply)
-        self.calls.append(exchanged)
-        return replies
-
-
 @pytest.fixture
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages need the process's task identity, which Flower's runtimes set."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    set_task_identity(monkeypatch)
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -108,7 +47,8 @@ def test_balanced_split_run_in_process_samples_accounts_and_masks(tmp_path: Path
     grid = DirectGrid(client_app, node_ids=[907, 13, 450, 77])  # one node more than needed
     result = serve(grid, config, tmp_path / "run")
 
-    population = [13, 77, 450]  # the first three sorted node ids
+    population = [907, 13, 450]  # the nodes of partitions 0, 1, 2
+    assert grid.queries == 4  # every node was asked for its partition-id, once
     assert len(grid.calls) == 8 and grid.calls[1::2] == [[]] * 4  # no client evaluation
     rounds = grid.calls[::2]
     for p in range(2):  # BIS over rounds: each client in exactly one round of each pass

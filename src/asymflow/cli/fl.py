@@ -4,7 +4,7 @@
 Flower App directory (:func:`asymflow.federated.write_flower_app`) for ``flwr run`` on the
 deployment engine (see :mod:`asymflow.federated.deploy`). Options map to
 :class:`asymflow.federated.FederatedConfig` fields of the same name; an option left out keeps
-the config's default.
+the config's default, or with ``fl run --resume`` the value in the run's ``config.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from rich.table import Table
 
 from asymflow.cli.common import (
     DATA_HINTS,
+    CliInputError,
     JsonOpt,
     check_training_noise,
     emit_json,
@@ -32,7 +33,7 @@ MODEL = "Data, model and local training"
 RUN = "Run"
 
 SAMPLERS = ("poisson", "balanced")
-_NOT_CONFIG = ("out", "directory", "run_dir", "json_out")
+_NOT_CONFIG = ("out", "directory", "run_dir", "json_out", "resume")
 
 
 def _opt(help_text: str, panel: str, *decls: str, **kwargs: Any) -> Any:
@@ -122,19 +123,59 @@ Alpha = Annotated[float | None, _opt("Dirichlet α, in (0, 1e6]. \\[default: 0.5
 Seed = Annotated[
     int | None, _opt("Seed of the initialization and data split, >= 0. \\[default: 0]", RUN)
 ]
+SamplerSeed = Annotated[
+    int | None,
+    _opt(
+        "Seed of the client sampling and blocks, >= 0; fixed only for tests and exact "
+        "replays: the guarantee needs it secret. \\[default: none: drawn from the OS]",
+        RUN,
+    ),
+]
+NoiseSeed = Annotated[
+    int | None,
+    _opt(
+        "Seed of the server's noise, >= 0; fixed only for tests and exact replays: the "
+        "guarantee needs it secret. \\[default: none: drawn from the OS]",
+        RUN,
+    ),
+]
 Parallelism = Annotated[
     int | None, _opt("Clients trained at once (simulation), >= 1. \\[default: 1]", RUN)
 ]
 Threads = Annotated[int | None, _opt("torch threads per client, >= 1. \\[default: 1]", RUN)]
 
 
-def _config(ctx: typer.Context) -> Any:
-    """The :class:`FederatedConfig` of the options given (call inside :func:`errors`)."""
-    given: dict[str, Any] = {
+def _given(ctx: typer.Context) -> dict[str, Any]:
+    """The config fields set by the options given."""
+    return {
         name: value
         for name, value in ctx.params.items()
         if value is not None and name not in _NOT_CONFIG
     }
+
+
+def _resume_config(given: dict[str, Any], out: Path) -> Any:
+    """The config in ``out``'s config.json; the options given must match it."""
+    from asymflow.federated import read_config
+
+    stored = read_config(out)
+    options = _options()
+    differ = [
+        f"{options[name]} (run: {getattr(stored, name)}, given: {value})"
+        for name, value in given.items()
+        if getattr(stored, name) != value
+    ]
+    if differ:
+        raise CliInputError(
+            "--resume continues a run with the settings in its config.json; these options "
+            f"differ: {', '.join(differ)}"
+        )
+    return stored
+
+
+def _config(ctx: typer.Context) -> Any:
+    """The :class:`FederatedConfig` of the options given (call inside :func:`errors`)."""
+    given = _given(ctx)
     check_training_noise(
         given,
         SAMPLERS,
@@ -161,10 +202,19 @@ def fl_run(
         typer.Option(
             metavar="RUN_DIR",
             help="New run directory (config.json, metrics.jsonl, ledger.sqlite, ckpt, "
-            "result.json, report.md). Required.",
+            "result.json, report.md), or the run to continue with --resume. Required.",
             rich_help_panel=RUN,
         ),
     ],
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out from its last completed round (or start it). "
+            "Options left out are read from its config.json; options given must match it.",
+            rich_help_panel=RUN,
+        ),
+    ] = False,
     data: Data = None,
     model: Model = None,
     width: Width = None,
@@ -186,20 +236,31 @@ def fl_run(
     split: Split = None,
     alpha: Alpha = None,
     seed: Seed = None,
+    sampler_seed: SamplerSeed = None,
+    noise_seed: NoiseSeed = None,
     parallelism: Parallelism = None,
     threads: Threads = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Simulate federated training with client-level DP into a new run directory.
+    """Simulate federated training with client-level DP into a new run directory (or continue
+    one with --resume).
 
     Example: asymflow fl run --clients 10 --rounds 20 --sampler balanced --k 2 --period 5
     --subnetwork split:4 --target-epsilon 8 --out runs/fl
     """
     with errors(_options(), DATA_HINTS):
-        config = _config(ctx)
+        if (out / "config.json").is_file():
+            if not resume:
+                raise CliInputError(
+                    f"--out already holds a run ({out}); pass --resume to continue it, or "
+                    "choose a new directory"
+                )
+            config = _resume_config(_given(ctx), out)
+        else:
+            config = _config(ctx)
         from asymflow.federated import run_federated
 
-        result = run_federated(config, out, progress=True).to_dict()
+        result = run_federated(config, out, progress=True, resume=resume).to_dict()
     if json_out:
         emit_json(result)
         return
@@ -236,6 +297,8 @@ def fl_app(
     split: Split = None,
     alpha: Alpha = None,
     seed: Seed = None,
+    sampler_seed: SamplerSeed = None,
+    noise_seed: NoiseSeed = None,
     parallelism: Parallelism = None,
     threads: Threads = None,
     run_dir: Annotated[

@@ -2,8 +2,8 @@
 
 On a ``train`` message the client
 
-1. reads the run config, its block b and the normalization constants from the message config
-   (sent by the server; it holds no secret: no seeds, no other client's block);
+1. reads the run config, its block b, the round and the normalization constants from the
+   message config (sent by the server; it holds no secret: no seeds, no other client's block);
 2. finds its data: the shard ``partition-id`` of ``num-partitions`` of the run's data spec
    (``--node-config "partition-id=0 num-partitions=10"``, set automatically by the simulation
    engine), or, when its node config has ``data="SPEC"``, the whole training split of its own
@@ -16,7 +16,8 @@ On a ``train`` message the client
 The client adds no noise and does no clipping: privacy is client-level with a trusted server
 that clips and noises (McMahan et al., ICLR 2018, DP-FedAvg). The server re-applies the block
 mask and the clipping whatever the client sends. No metric about the client's data is
-returned, not even its number of examples.
+returned, not even its number of examples. Before the first round the server's query message
+asks for the node's ``partition-id`` (public node config) to number the clients.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from asymflow.data import load_data
@@ -42,18 +43,19 @@ from asymflow.federated.strategy import (
     ARRAYS_KEY,
     BLOCK_KEY,
     CONFIG_KEY,
+    PARTITION_KEY,
+    ROUND_KEY,
     UPDATE_KEY,
     arrays_to_weights,
     weights_to_arrays,
 )
 
-__all__ = ["app", "client_shard", "train_client"]
+__all__ = ["app", "client_shard", "partition_reply", "train_client"]
 
 NORM_MEAN_KEY = "norm-mean"
 NORM_STD_KEY = "norm-std"
 NUM_CLASSES_KEY = "num-classes"
 IN_CHANNELS_KEY = "in-channels"
-ROUND_KEY = "server-round"
 
 app = ClientApp()
 
@@ -113,6 +115,21 @@ def train_client(message: Message, node_config: dict[str, object]) -> RecordDict
         generator=generator,
     )
     return RecordDict({UPDATE_KEY: weights_to_arrays(delta)})
+
+
+def partition_reply(node_config: dict[str, object]) -> RecordDict:
+    """The reply to the server's population query: this node's ``partition-id`` (its public
+    node config, by which the server numbers the clients), or nothing if it has none."""
+    values: dict[str, int] = {}
+    if PARTITION_KEY in node_config:
+        values[PARTITION_KEY] = int(str(node_config[PARTITION_KEY]))
+    return RecordDict({CONFIG_KEY: ConfigRecord(values)})
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Flower entry point: the population query (see :func:`partition_reply`)."""
+    return Message(content=partition_reply(dict(context.node_config)), reply_to=msg)
 
 
 @app.train()

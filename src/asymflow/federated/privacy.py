@@ -18,9 +18,14 @@ The event of a round, with sigma the noise multiplier (noise std sigma * C, C th
 
 Write-ahead: the row of a round (Poisson) or of a pass (BIS, at its first round) is committed
 to ``ledger.sqlite`` before the round's noisy model is computed and released; a started pass
-counts in full. The epsilon reported after each round is recomputed from the ledger's rows,
-with consecutive identical rows merged into one ``SelfComposed`` (the same composition,
-computed once instead of row by row).
+counts in full. Resume: a process writes its own row for every block it releases in, so a
+redone Poisson round gets a second row, and a run resumed in the middle of a BIS pass records
+a whole new pass at its first round (the cut rows stay: epsilon over-counts, never
+under-counts). With the seeds None the resumed process samples and noises afresh, so the rest
+of the pass is a fresh BIS pass, as its row assumes; with both seeds fixed it repeats exactly
+what the cut process drew. The epsilon reported after each round is recomputed from the
+ledger's rows, with consecutive identical rows merged into one ``SelfComposed`` (the same
+composition, computed once instead of row by row).
 """
 
 from __future__ import annotations
@@ -139,6 +144,7 @@ class ClientLevelAccountant:
         self.note = note
         self.rows: list[int] = []
         self._released = 0
+        self._block: int | None = None
         event = block_event(config, self.sigma)
         if not any(CERTIFIED_METHODS[m]().supports(event) for m in config.methods):
             raise UnsupportedEventError(
@@ -146,18 +152,23 @@ class ClientLevelAccountant:
             )
 
     def before_release(self, server_round: int) -> None:
-        """Record (and fsync) the row covering round ``server_round`` if it starts a block:
-        every Poisson round, the first round of each BIS pass."""
+        """Record (and fsync) the row covering round ``server_round`` unless this accountant
+        already wrote its block's: every Poisson round, the first round of each BIS pass, and
+        the first round of a resumed process in the middle of a pass."""
         if server_round < 1:
             raise ValueError(f"server_round must be >= 1, got server_round={server_round}")
         config = self.config
-        if config.sampler == "poisson":
-            what = f"round {server_round}: Poisson(q={config.rate:.6g}) client sampling"
-        elif (server_round - 1) % config.period == 0:
-            pass_no = (server_round - 1) // config.period + 1
-            what = f"pass {pass_no}: BIS(k={config.k}, T={config.period}) over rounds"
-        else:
+        poisson = config.sampler == "poisson"
+        block = server_round if poisson else (server_round - 1) // config.period
+        if block == self._block:
             return
+        self._block = block
+        if poisson:
+            what = f"round {server_round}: Poisson(q={config.rate:.6g}) client sampling"
+        else:
+            what = f"pass {block + 1}: BIS(k={config.k}, T={config.period}) over rounds"
+            if (server_round - 1) % config.period:
+                what += f" (resumed at round {server_round})"
         note = f"federated client-level; {what}; sigma={self.sigma:.6g}; {self.note}"
         row = self.ledger.record(
             block_event(config, self.sigma), dataset=config.data, count=1, note=note

@@ -4,6 +4,8 @@
 - ``metrics.jsonl``: one JSON line per round (round 0 is the initial model): test accuracy on
   the server's test split and the certified client-level epsilon so far;
 - ``ledger.sqlite``: one row per Poisson round or BIS pass, written before its release;
+- ``ckpt/round{N}.pt``: the global model after round N, the latest completed round (written
+  atomically after that round's metrics row; ``--resume`` continues from it);
 - ``ckpt/final.pt``: the final global model (a released object);
 - ``result.json``, ``report.md`` and ``report.png``.
 
@@ -18,6 +20,7 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from asymflow.runfiles import (
     atomic_write_bytes,
     atomic_write_json,
     read_metrics,
+    write_metrics,
 )
 from asymflow.runfiles import read_config as _read_config
 
@@ -43,14 +47,21 @@ __all__ = [
     "FederatedResult",
     "append_metrics",
     "atomic_write_json",
+    "check_resumable",
+    "latest_round",
+    "load_round",
     "read_config",
     "read_metrics",
     "read_result",
     "save_final_model",
+    "save_round",
+    "truncate_metrics",
 ]
 
 RESULT_FILE = "result.json"
-FINAL_CHECKPOINT = Path("ckpt") / "final.pt"
+CKPT_DIR = "ckpt"
+FINAL_CHECKPOINT = Path(CKPT_DIR) / "final.pt"
+_ROUND_NAME = re.compile(r"round(\d+)\.pt")
 
 
 @dataclass(frozen=True)
@@ -112,3 +123,70 @@ def save_final_model(
     path = run_dir / FINAL_CHECKPOINT
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def check_resumable(run_dir: Path, config: FederatedConfig, resume: bool) -> bool:
+    """Whether ``run_dir`` holds a run to continue: refuses an existing run unless ``resume``,
+    a different ``config.json``, and a resume with only one of the two seeds fixed (a redone
+    round would then reuse the sampling with fresh noise, or the noise with fresh sampling,
+    which no new ledger row bounds)."""
+    if not (run_dir / CONFIG_FILE).exists():
+        return False
+    if not resume:
+        raise FileExistsError(
+            f"run_dir already holds a run ({run_dir}); pass resume=True or use a new directory"
+        )
+    stored, given = read_config(run_dir).to_dict(), config.to_dict()
+    differ = sorted(name for name, value in stored.items() if given[name] != value)
+    if differ:
+        raise ValueError(
+            f"config must equal the run's {CONFIG_FILE} to resume; differing fields: {differ}"
+        )
+    if (config.sampler_seed is None) != (config.noise_seed is None):
+        raise ValueError(
+            "sampler_seed and noise_seed must both be set or both be None to resume, got "
+            f"sampler_seed={config.sampler_seed}, noise_seed={config.noise_seed}"
+        )
+    return True
+
+
+def save_round(
+    run_dir: Path, server_round: int, weights: dict[str, torch.Tensor], config: FederatedConfig
+) -> Path:
+    """Write ``ckpt/round{N}.pt`` (the global model after round N) atomically, then delete the
+    older rounds' checkpoints."""
+    buffer = io.BytesIO()
+    torch.save({"round": server_round, "model": weights, "config": config.to_dict()}, buffer)
+    path = run_dir / CKPT_DIR / f"round{server_round}.pt"
+    atomic_write_bytes(path, buffer.getvalue())
+    for old in path.parent.glob("round*.pt"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def latest_round(run_dir: Path) -> tuple[int, Path] | None:
+    """(N, path) of the latest ``ckpt/round{N}.pt``, or None."""
+    directory = run_dir / CKPT_DIR
+    if not directory.is_dir():
+        return None
+    found = [
+        (int(match.group(1)), path)
+        for path in directory.iterdir()
+        if (match := _ROUND_NAME.fullmatch(path.name))
+    ]
+    return max(found) if found else None
+
+
+def load_round(path: Path, config: FederatedConfig) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint written by :func:`save_round` for ``config``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config"] != config.to_dict():
+        raise ValueError(f"checkpoint {path} must hold this run's config to resume")
+    return dict(state["model"])
+
+
+def truncate_metrics(run_dir: Path, server_round: int) -> None:
+    """Keep the metric rows of rounds <= ``server_round`` (the checkpoint a resume continues
+    from), so that a round redone after a crash is listed once."""
+    write_metrics(run_dir, [row for row in read_metrics(run_dir) if row["round"] <= server_round])

@@ -9,22 +9,27 @@ directory, the same code under the simulation engine and the deployment engine.
    evaluation) wrapped by :class:`asymflow.federated.strategy.ClientLevelDp` (our sampling,
    the blocks, the ledger row, the masked/clipped/noised aggregate with the fixed mean);
 3. ``Strategy.start`` runs the rounds; after each one the server evaluates the released model
-   on its test split and appends a ``metrics.jsonl`` row with the client-level epsilon so far;
+   on its test split, appends a ``metrics.jsonl`` row with the client-level epsilon so far and
+   checkpoints the model (``ckpt/round{N}.pt``);
 4. ``ckpt/final.pt``, ``result.json``, ``report.md`` and ``report.png``.
+
+``resume=True`` continues the run in ``run_dir`` (same config) from its latest round
+checkpoint: Flower's round 1 is the next round, the ledger keeps the rows of the cut round
+(see :mod:`asymflow.federated.privacy`), and a finished run is summarized again.
 
 The normalization constants sent to the clients are the channel statistics of the server's
 TEST split (public), so no statistic of client data is needed or released.
 
 ``app`` (this module) is the deployment entry point: it reads the run config of
 ``flwr run`` (:meth:`FederatedConfig.from_run_config`, plus ``run-dir``, default
-``runs/fl-<run id>`` relative to the ServerApp's working directory). :func:`make_server_app`
+``runs/fl-<run id>`` relative to the ServerApp's working directory, and ``resume``, default
+false). :func:`make_server_app`
 builds the same app around a given config for :func:`asymflow.federated.run_federated`.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,14 +67,30 @@ from asymflow.federated.runs import (
     FederatedResult,
     append_metrics,
     atomic_write_json,
+    check_resumable,
+    latest_round,
+    load_round,
+    read_metrics,
+    read_result,
     save_final_model,
+    save_round,
+    truncate_metrics,
 )
 from asymflow.federated.selection import ClientSelector
 from asymflow.federated.strategy import ClientLevelDp, arrays_to_weights, weights_to_arrays
 
-__all__ = ["RUN_DIR_KEY", "SECRET_KEYS", "app", "client_config", "make_server_app", "serve"]
+__all__ = [
+    "RESUME_KEY",
+    "RUN_DIR_KEY",
+    "SECRET_KEYS",
+    "app",
+    "client_config",
+    "make_server_app",
+    "serve",
+]
 
 RUN_DIR_KEY = "run-dir"
+RESUME_KEY = "resume"
 SECRET_KEYS = frozenset({"sampler-seed", "noise-seed"})
 """Run-config keys never sent to clients: the sampling and the noise must stay secret."""
 
@@ -92,26 +113,22 @@ def client_config(
     return out
 
 
-def _prepare_run_dir(run_path: Path, config: FederatedConfig) -> None:
-    """Create ``run_path`` and write ``config.json``; a directory that already holds a run is
-    refused (its ledger rows would be composed with the new run's)."""
-    if (run_path / CONFIG_FILE).exists():
-        raise FileExistsError(f"run_dir already holds a run ({run_path}); use a new directory")
-    run_path.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_path / CONFIG_FILE, config.to_dict())
-
-
 def serve(
     grid: Grid,
     config: FederatedConfig,
     run_dir: str | os.PathLike[str],
     *,
     progress: bool = False,
+    resume: bool = False,
 ) -> FederatedResult:
     """Run ``config`` on ``grid`` into ``run_dir`` and return the summary (module docstring)."""
     began = time.perf_counter()
     run_path = Path(run_dir)
-    _prepare_run_dir(run_path, config)
+    resuming = check_resumable(run_path, config, resume)
+    if resuming and (run_path / RESULT_FILE).is_file():
+        return read_result(run_path)
+    run_path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_path / CONFIG_FILE, config.to_dict())
     torch.set_num_threads(config.threads)
     noise = run_noise(config)
     data = load_data(config.data, progress=progress)
@@ -120,30 +137,35 @@ def serve(
     channels = data.test.image_shape[2]
     model = build_network(config, num_classes=len(data.classes), in_channels=channels)
     plan = partition_plan(model, config)
+    done = 0
+    found = latest_round(run_path) if resuming else None
+    if found is not None:
+        done, path = found
+        load_weights(model, load_round(path, config))
+    if resuming:
+        truncate_metrics(run_path, done)
+    metrics: list[dict[str, Any]] = read_metrics(run_path)
     ledger = PrivacyLedger.for_run(run_path)
-    metrics: list[dict[str, Any]] = []
     try:
         accountant = ClientLevelAccountant(config, noise.sigma, ledger, note=noise.note)
-        selector = ClientSelector(config, seed=config.sampler_seed)
-        noise_seed = secrets.randbits(63) if config.noise_seed is None else config.noise_seed
-        inner = FedAvg(
-            fraction_train=1.0,
-            fraction_evaluate=0.0,
-            min_train_nodes=config.clients,
-            min_evaluate_nodes=0,
-            min_available_nodes=config.clients,
-        )
         strategy = ClientLevelDp(
-            inner,
+            FedAvg(
+                fraction_train=1.0,
+                fraction_evaluate=0.0,
+                min_train_nodes=config.clients,
+                min_evaluate_nodes=0,
+                min_available_nodes=config.clients,
+            ),
             config=config,
             sigma=noise.sigma,
             plan=plan,
-            selector=selector,
+            selector=ClientSelector(config, seed=config.sampler_seed),
             accountant=accountant,
-            noise=torch.Generator().manual_seed(noise_seed),
+            noise_seed=config.noise_seed,
             client_config=client_config(
                 config, mean=mean, std=std, classes=len(data.classes), channels=channels
             ),
+            first_round=min(done + 1, config.rounds),
         )
         bars = Progress(
             TextColumn("[bold]federated rounds"),
@@ -156,10 +178,14 @@ def serve(
         )
 
         with bars:
-            task = bars.add_task("rounds", total=config.rounds, info="")
+            task = bars.add_task("rounds", total=config.rounds, completed=done, info="")
 
-            def evaluate(server_round: int, arrays: Any) -> MetricRecord:
-                load_weights(model, arrays_to_weights(arrays))
+            def evaluate(flower_round: int, arrays: Any) -> MetricRecord | None:
+                if flower_round == 0 and done > 0:
+                    return None  # the checkpoint's model, evaluated before the cut
+                server_round = done + flower_round
+                weights = arrays_to_weights(arrays)
+                load_weights(model, weights)
                 acc = test_accuracy(model, test_set, config.eval_batch_size)
                 report = strategy.last_epsilon if server_round > 0 else None
                 row = {
@@ -174,19 +200,20 @@ def serve(
                 append_metrics(run_path, row)
                 metrics.append(row)
                 if server_round > 0:
+                    save_round(run_path, server_round, weights, config)
                     info = f"acc {acc:.3f}  eps {row['epsilon']:.3f}"
                     bars.update(task, completed=server_round, info=info)
                 return MetricRecord({"accuracy": acc, "epsilon": float(row["epsilon"])})
 
-            outcome = strategy.start(
-                grid=grid,
-                initial_arrays=weights_to_arrays(weights_of(model)),
-                num_rounds=config.rounds,
-                timeout=config.round_timeout,
-                evaluate_fn=evaluate,
-            )
-        final_weights = arrays_to_weights(outcome.arrays)
-        save_final_model(run_path, final_weights, config)
+            if done < config.rounds:
+                strategy.start(
+                    grid=grid,
+                    initial_arrays=weights_to_arrays(weights_of(model)),
+                    num_rounds=config.rounds - done,
+                    timeout=config.round_timeout,
+                    evaluate_fn=evaluate,
+                )
+        save_final_model(run_path, weights_of(model), config)
         final = accountant.epsilon()
     finally:
         ledger.close()
@@ -217,6 +244,7 @@ def make_server_app(
     run_dir: str | os.PathLike[str],
     *,
     progress: bool = False,
+    resume: bool = False,
     wrap_grid: Callable[[Grid], Grid] | None = None,
 ) -> ServerApp:
     """A ``ServerApp`` that runs :func:`serve` with ``config`` (the simulation passes no run
@@ -225,7 +253,8 @@ def make_server_app(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid if wrap_grid is None else wrap_grid(grid), config, run_dir, progress=progress)
+        wrapped = grid if wrap_grid is None else wrap_grid(grid)
+        serve(wrapped, config, run_dir, progress=progress, resume=resume)
 
     return server
 
@@ -239,4 +268,4 @@ def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     config = FederatedConfig.from_run_config(run_config)
     run_dir = str(run_config.get(RUN_DIR_KEY) or f"runs/fl-{context.run_id}")
-    serve(grid, config, run_dir, progress=False)
+    serve(grid, config, run_dir, progress=False, resume=bool(run_config.get(RESUME_KEY, False)))

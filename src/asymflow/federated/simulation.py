@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from asymflow.federated.config import FederatedConfig
-from asymflow.federated.runs import CONFIG_FILE, FederatedResult, read_result
+from asymflow.federated.runs import RESULT_FILE, FederatedResult, check_resumable, read_result
 
 __all__ = ["SimulationStoppedError", "StoppableGrid", "backend_config", "run_federated"]
 
@@ -171,18 +171,21 @@ def run_federated(
     *,
     ray_tmpdir: str | os.PathLike[str] | None = None,
     verbose: bool = False,
+    resume: bool = False,
 ) -> FederatedResult:
     """Simulate ``config`` into the new directory ``run_dir`` and return its summary.
 
     Writes config.json, metrics.jsonl (per round), ledger.sqlite (before each release),
-    ckpt/final.pt, result.json, report.md and report.png. Refuses an existing run directory.
+    ckpt/round{N}.pt, ckpt/final.pt, result.json, report.md and report.png. Refuses an existing
+    run directory unless ``resume``: then the run there (same config) continues from its last
+    completed round, and a finished one is summarized without starting the engine.
     ``verbose`` keeps Flower's per-round INFO logs (otherwise only warnings are shown).
     """
     if not isinstance(config, FederatedConfig):
         raise TypeError(f"config must be a FederatedConfig, got {type(config).__name__}")
     run_path = Path(run_dir)
-    if (run_path / CONFIG_FILE).exists():
-        raise FileExistsError(f"run_dir already holds a run ({run_path}); use a new directory")
+    if check_resumable(run_path, config, resume) and (run_path / RESULT_FILE).is_file():
+        return read_result(run_path)
     from flwr.simulation import run_simulation
 
     from asymflow.federated.client_app import app as client_app
@@ -196,7 +199,11 @@ def run_federated(
         with _ray_environment(None if ray_tmpdir is None else str(ray_tmpdir)):
             stop = threading.Event()
             server_app = make_server_app(
-                config, run_path, progress=progress, wrap_grid=lambda g: StoppableGrid(g, stop)
+                config,
+                run_path,
+                progress=progress,
+                resume=resume,
+                wrap_grid=lambda g: StoppableGrid(g, stop),
             )
             try:
                 run_simulation(

@@ -22,11 +22,22 @@ the rest.
 
 Evaluation on clients' data is off (the wrapped FedAvg gets ``fraction_evaluate=0``): client
 metrics would be releases the ledger does not cover. The server evaluates on its test split.
+
+Determinism and resume: before the first round the server asks every node for its
+``partition-id`` (a query message; the node's public config, nothing computed on its data)
+and numbers the clients by it, so client i is the same data shard in every session whatever
+node ids the runtime draws. Updates are summed in client order, and the noise of round r comes
+from (noise seed, r). A run resumed after round c (``first_round = c + 1``: Flower's round 1 is
+round c + 1) therefore redoes rounds c+1.. exactly as an uninterrupted run would when both
+seeds are fixed; with the seeds None every session draws new secret ones.
 """
 
 from __future__ import annotations
 
+import math
+import secrets
 from collections.abc import Iterable, Iterator, Mapping
+from itertools import islice
 from logging import INFO, WARNING
 from typing import Any
 
@@ -54,9 +65,12 @@ __all__ = [
     "ARRAYS_KEY",
     "BLOCK_KEY",
     "CONFIG_KEY",
+    "PARTITION_KEY",
+    "ROUND_KEY",
     "UPDATE_KEY",
     "ClientLevelDp",
     "arrays_to_weights",
+    "round_noise",
     "weights_to_arrays",
 ]
 
@@ -64,6 +78,18 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 UPDATE_KEY = "update"
 BLOCK_KEY = "block"
+ROUND_KEY = "server-round"
+PARTITION_KEY = "partition-id"
+
+
+def round_noise(noise_seed: int | None, server_round: int) -> torch.Generator:
+    """The generator of round ``server_round``'s noise: seeded from (noise_seed, round) by
+    numpy's SeedSequence, so a redone round draws what it drew the first time; from the OS's
+    secure source when ``noise_seed`` is None."""
+    if noise_seed is None:
+        return torch.Generator().manual_seed(secrets.randbits(63))
+    (seed,) = np.random.SeedSequence((noise_seed, server_round)).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(seed))
 
 
 def weights_to_arrays(weights: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -84,8 +110,10 @@ class ClientLevelDp(Strategy):
 
     ``selector`` gives the sampled clients and their blocks per round; ``plan`` the blocks;
     ``accountant`` writes the ledger. ``client_config`` is merged into every training config
-    (it must hold nothing secret: no seeds). ``noise`` is the server's secret noise generator.
-    The population is the first ``config.clients`` node ids in sorted order, fixed at round 1.
+    (it must hold nothing secret: no seeds). ``noise_seed`` seeds the server's secret noise
+    (:func:`round_noise`). ``first_round`` is the run's round number of Flower's round 1 (> 1
+    when resuming). The population is the first ``config.clients`` nodes ordered by their
+    reported partition-id (then node id), fixed at the first round.
     """
 
     def __init__(
@@ -97,8 +125,9 @@ class ClientLevelDp(Strategy):
         plan: PartitionPlan,
         selector: ClientSelector,
         accountant: ClientLevelAccountant,
-        noise: torch.Generator,
+        noise_seed: int | None,
         client_config: Mapping[str, Any],
+        first_round: int = 1,
     ) -> None:
         super().__init__()
         if not isinstance(strategy, FedAvg):
@@ -113,12 +142,18 @@ class ClientLevelDp(Strategy):
         self.sigma = float(sigma)
         self.plan = plan
         self.accountant = accountant
-        self.noise = noise
+        self.noise_seed = noise_seed
         self.client_config = dict(client_config)
         for secret in ("sampler-seed", "noise-seed"):
             if secret in self.client_config:
                 raise ValueError(f"client_config must not hold the secret {secret!r}")
-        self._rounds: Iterator[RoundAssignment] = iter(selector)
+        if isinstance(first_round, bool) or not 1 <= first_round <= config.rounds:
+            raise ValueError(
+                f"first_round must satisfy 1 <= first_round <= rounds={config.rounds}, "
+                f"got first_round={first_round!r}"
+            )
+        self.first_round = first_round
+        self._rounds: Iterator[RoundAssignment] = islice(selector, first_round - 1, None)
         self._population: list[int] | None = None
         self._assigned: dict[int, int] = {}
         self._current: dict[str, torch.Tensor] = {}
@@ -149,23 +184,45 @@ class ClientLevelDp(Strategy):
         """The node ids of clients 0..N-1 (empty before the first round)."""
         return list(self._population or [])
 
+    def _order_population(self, grid: Grid, nodes: list[int]) -> list[int]:
+        """``nodes`` ordered by the partition-id each reports (then by node id; a node that
+        does not answer goes last), so client numbers do not depend on the runtime's ids."""
+        queries = [
+            Message(
+                content=RecordDict({CONFIG_KEY: ConfigRecord({})}),
+                dst_node_id=node,
+                message_type=MessageType.QUERY,
+                group_id="population",
+            )
+            for node in nodes
+        ]
+        reported: dict[int, float] = {}
+        for reply in grid.send_and_receive(queries, timeout=self.config.round_timeout):
+            if reply.has_error() or CONFIG_KEY not in reply.content.config_records:
+                continue
+            value = reply.content.config_records[CONFIG_KEY].get(PARTITION_KEY)
+            if isinstance(value, int) and not isinstance(value, bool):
+                reported[int(reply.metadata.src_node_id)] = value
+        return sorted(nodes, key=lambda n: (reported.get(n, math.inf), n))
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """The wrapped strategy's messages, kept for the sampled clients only, each with its
-        block in the config."""
+        block and the run's round number in the config."""
         base = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        run_round = self.first_round + server_round - 1
         if self._population is None:
             nodes = sorted({int(m.metadata.dst_node_id) for m in base})
             if len(nodes) < self.config.clients:
                 raise RuntimeError(
                     f"need {self.config.clients} connected nodes (clients), got {len(nodes)}"
                 )
-            self._population = nodes[: self.config.clients]
+            self._population = self._order_population(grid, nodes)[: self.config.clients]
         assignment = next(self._rounds)
-        if assignment.round != server_round:
+        if assignment.round != run_round:
             raise RuntimeError(
-                f"rounds must run in order: expected round {assignment.round}, got {server_round}"
+                f"rounds must run in order: expected round {assignment.round}, got {run_round}"
             )
         self._current = arrays_to_weights(arrays)
         self._shapes = {n: t.shape for n, t in self._current.items()}
@@ -179,27 +236,28 @@ class ClientLevelDp(Strategy):
         for client, block in zip(assignment.clients, assignment.blocks, strict=True):
             node = self._population[client]
             self._assigned[node] = block
-            record = ConfigRecord({**inherited, **self.client_config, BLOCK_KEY: block})
+            record = ConfigRecord(
+                {**inherited, **self.client_config, BLOCK_KEY: block, ROUND_KEY: run_round}
+            )
             content = RecordDict({self.strategy.arrayrecord_key: arrays, CONFIG_KEY: record})
             messages.append(
                 Message(
                     content=content,
                     dst_node_id=node,
                     message_type=MessageType.TRAIN,
-                    group_id=str(server_round),
+                    group_id=str(run_round),
                 )
             )
         return messages
 
     def _updates(self, replies: Iterable[Message]) -> list[ClientUpdate]:
-        updates: list[ClientUpdate] = []
-        seen: set[int] = set()
+        """The usable updates, in client order (a fixed order of the floating-point sum)."""
+        updates: dict[int, ClientUpdate] = {}
         for message in replies:
             node = int(message.metadata.src_node_id)
-            if message.has_error() or node not in self._assigned or node in seen:
+            if message.has_error() or node not in self._assigned or node in updates:
                 self.dropped_replies += 1
                 continue
-            seen.add(node)
             try:
                 record = message.content.array_records[UPDATE_KEY]
                 update = ClientUpdate(self._assigned[node], arrays_to_weights(record))
@@ -208,15 +266,17 @@ class ClientLevelDp(Strategy):
                 log(WARNING, "dropping an unusable client update (counted as zero): %s", err)
                 self.dropped_replies += 1
                 continue
-            updates.append(update)
-        return updates
+            updates[node] = update
+        order = {node: i for i, node in enumerate(self.population)}
+        return [updates[node] for node in sorted(updates, key=order.__getitem__)]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Ledger row first, then w + eta * (sum of masked clipped updates + noise) / m."""
+        run_round = self.first_round + server_round - 1
         updates = self._updates(replies)
-        self.accountant.before_release(server_round)  # write-ahead, before any release
+        self.accountant.before_release(run_round)  # write-ahead, before any release
         mean = noisy_mean_update(
             updates,
             self.plan,
@@ -224,7 +284,7 @@ class ClientLevelDp(Strategy):
             clip=self.config.clip,
             sigma=self.sigma,
             expected_clients=self.config.expected_clients,
-            generator=self.noise,
+            generator=round_noise(self.noise_seed, run_round),
         )
         weights = apply_update(self._current, mean, server_lr=self.config.server_lr)
         self.accountant.after_release()

@@ -6,9 +6,11 @@
   directions.
 - Balanced (k of T), remove direction: exact integer-order moments by the overlap-profile
   program of :mod:`balanced_rdp` where it finishes, else a block relaxation that is never above
-  the k-fold reduction. Add direction and model partitioning: k compositions of
-  1-of-floor(T/k) allocation (Feldman & Shenfeld 2502.08202, Lemma 3.2); 1-of-n remove
-  direction exact (:func:`allocation.remove_rdp`), add direction by quadrature
+  the k-fold reduction. Add direction: the reduction over all T steps (blocks of floor(T/k)
+  and floor(T/k) + 1) and, for k > T/2, the exact complement identity
+  (:func:`balanced_rdp.log_moments_add`; exact for k = T - 1). Model partitioning: k
+  compositions of 1-of-floor(T/k) allocation (Feldman & Shenfeld 2502.08202, Lemma 3.2); 1-of-n
+  remove direction exact (:func:`allocation.remove_rdp`), add direction by quadrature
   (:func:`allocation.add_rdp`).
 - Poisson-subsampled partitioned step: remove direction exact by the binomial expansion
   E_Q[(1 - q + qL)^alpha] = sum_l C(alpha, l) (1-q)^(alpha-l) q^l E_Q[L^l]; add direction by
@@ -117,16 +119,16 @@ def _balanced_rdp(
     """(remove, add) RDP of one k-of-T pass, k > 1.
 
     Remove: the exact integer-order moments of :mod:`balanced_rdp` where its profile program
-    finishes, else its best block relaxation, never above the k-fold reduction. Add: the
-    reduction, k x add RDP of 1-of-floor(T/k) (a certified upper bound; no exact add-direction
-    method for k > 1 is known to us).
+    finishes, else its best block relaxation, never above the k-fold reduction. Add:
+    :func:`balanced_rdp.log_moments_add` (certified, never above the reduction; exact for
+    k = T - 1, no exact add-direction form for 2 <= k <= T - 2 is known to us).
     """
     top = int(np.ceil(orders.max()))
     if steps == k:
         gaussian = orders * k / (2 * sigma**2)
         return gaussian, gaussian
     remove, _ = balanced_rdp.log_moments_remove(steps, k, sigma, top)
-    add = k * allocation.add_log_moments(steps // k, sigma, top)
+    add = balanced_rdp.log_moments_add(steps, k, sigma, top)
     return _rdp_from_cumulants(remove, orders), _rdp_from_cumulants(add, orders)
 
 

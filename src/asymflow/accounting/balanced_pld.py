@@ -138,29 +138,26 @@ def _part_law(n: int, sigma: float, points: int) -> tuple[np.ndarray, np.ndarray
     return _spread(values, mass, points)
 
 
-def _pair_base(v: np.ndarray, m: np.ndarray, shift: float) -> tuple[np.ndarray, np.ndarray]:
-    """Law of a_1 a_2 + shift (a_1 + a_2) for a_1, a_2 iid with atoms (v, m): pairs i <= j."""
+def _pairs(v: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a_1 a_2, a_1 + a_2, mass) over the pairs i <= j of a_1, a_2 iid with atoms (v, m):
+    a_1 a_2 + shift (a_1 + a_2) is then affine in the shift, with the same masses."""
     i, j = np.triu_indices(v.size)
-    values = v[i] * v[j] + shift * (v[i] + v[j])
-    mass = m[i] * m[j] * np.where(i == j, 1.0, 2.0)
-    return values, mass
+    return v[i] * v[j], v[i] + v[j], m[i] * m[j] * np.where(i == j, 1.0, 2.0)
 
 
 def _parts3(v: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     xs, xm = _spread(v, m, _COND_POINTS)
+    prod, total, pair_mass = _pairs(v, m)
     out_v, out_m = [], []
     for x, px in zip(xs, xm, strict=True):
-        vals, mass = _spread(*_pair_base(v, m, float(x)), _LAW_POINTS)
+        vals, mass = _spread(prod + float(x) * total, pair_mass, _LAW_POINTS)
         out_v.append(vals / 3)
         out_m.append(mass * px)
     return _spread(np.concatenate(out_v), np.concatenate(out_m), 4 * _LAW_POINTS)
 
 
 def _parts4(v: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    i, j = np.triu_indices(v.size)
-    s = v[i] + v[j]
-    p = v[i] * v[j]
-    w = m[i] * m[j] * np.where(i == j, 1.0, 2.0)
+    p, s, w = _pairs(v, m)  # (a_3 a_4, a_3 + a_4) and, for a_1, a_2, the base law's pieces
     # Spread s onto a grid, p kept (a 2-D mean-preserving spread).
     grid = _grid(s, w, _COND_POINTS)
     idx = np.clip(np.searchsorted(grid, s, side="right") - 1, 0, grid.size - 2)
@@ -172,7 +169,7 @@ def _parts4(v: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for c in np.unique(col[pm > 0]):
         sel = (col == c) & (pm > 0)
         cv, cm = _spread(pv[sel], pm[sel], _P_POINTS)
-        base_v, base_m = _spread(*_pair_base(v, m, float(grid[c])), _LAW_POINTS)
+        base_v, base_m = _spread(p + float(grid[c]) * s, w, _LAW_POINTS)
         vals = (base_v[:, None] + cv[None, :]).ravel() / 6
         mass = (base_m[:, None] * cm[None, :]).ravel()
         vals, mass = _spread(vals, mass, _LAW_POINTS)
@@ -267,7 +264,7 @@ def _block_pair_pld_cached(steps: int, k: int, sigma: float, interval: float, pa
         pld = pld.self_compose(b)
     if single:
         one = trim(allocation.ratio_atoms(steps // k, sigma, upper=True))
-        pld = pld.compose(pld_from_atoms(one, interval, True))
+        pld = pld.compose(pld_from_atoms(one, interval, True, dense=True))
     return pld
 
 

@@ -21,6 +21,7 @@ import math
 from dataclasses import replace
 
 import numpy as np
+from dp_accounting.pld import pld_pmf
 from dp_accounting.pld import privacy_loss_distribution as dp_pld
 
 from asymflow.accounting import allocation
@@ -59,30 +60,39 @@ def joint_atoms(a: RatioAtoms, b: RatioAtoms, points: int, upper: bool) -> Ratio
     return RatioAtoms(ratio=ratio, mass=mass, q_bad=1 - q_good, p_bad=1 - p_good)
 
 
-def pld_from_atoms(atoms: RatioAtoms, interval: float, pessimistic: bool) -> Pld:
-    """PLD (remove: P over Q, add: Q over P) of a ratio-atom pair, losses rounded to the grid."""
+# dp_accounting keeps PMFs with at most this many losses sparse (pld_pmf._MAX_PMF_SPARSE_SIZE).
+_SPARSE_MAX = 1000
+
+
+def pld_from_atoms(
+    atoms: RatioAtoms, interval: float, pessimistic: bool, *, dense: bool = False
+) -> Pld:
+    """PLD (remove: P over Q, add: Q over P) of a ratio-atom pair, losses rounded to the grid.
+
+    The PMFs are those of ``Pld.create_from_rounded_probability``; dense ones (more than
+    ``_SPARSE_MAX`` losses, or ``dense``) are built from arrays directly, without the
+    dictionary round trip (same values). ``dense`` suits a PMF that will be composed with a
+    dense one, which dp_accounting would convert anyway."""
     rnd = np.ceil if pessimistic else np.floor
     pos = atoms.ratio > 0
 
-    def rounded(loss: np.ndarray, mass: np.ndarray) -> dict[int, float]:
+    def pmf(loss: np.ndarray, mass: np.ndarray, infinity: float) -> pld_pmf.PLDPmf:
         keys = rnd(loss / interval).astype(np.int64)
         uniq, inv = np.unique(keys, return_inverse=True)
         probs = np.bincount(inv, weights=mass)
-        return {int(k): float(p) for k, p in zip(uniq, probs, strict=True) if p > 0}
+        nz = probs > 0
+        uniq, probs = uniq[nz], probs[nz]
+        if dense or uniq.size > _SPARSE_MAX:
+            values = np.zeros(int(uniq[-1] - uniq[0]) + 1)
+            values[uniq - uniq[0]] = probs
+            return pld_pmf.DensePLDPmf(interval, int(uniq[0]), values, infinity, pessimistic)
+        loss_probs = {int(k): float(p) for k, p in zip(uniq, probs, strict=True)}
+        return pld_pmf.create_pmf(loss_probs, interval, infinity, pessimistic)
 
     log_ratio = np.log(atoms.ratio[pos])
-    remove = rounded(log_ratio, atoms.ratio[pos] * atoms.mass[pos])
-    add = rounded(-log_ratio, atoms.mass[pos])
-    add_inf = atoms.q_bad + float(atoms.mass[~pos].sum())
-    return Pld.create_from_rounded_probability(
-        remove,
-        atoms.p_bad,
-        interval,
-        pessimistic_estimate=pessimistic,
-        rounded_probability_mass_function_add=add,
-        infinity_mass_add=add_inf,
-        symmetric=False,
-    )
+    remove = pmf(log_ratio, atoms.ratio[pos] * atoms.mass[pos], atoms.p_bad)
+    add = pmf(-log_ratio, atoms.mass[pos], atoms.q_bad + float(atoms.mass[~pos].sum()))
+    return Pld(remove, add)
 
 
 class PldAccountant(Accountant):

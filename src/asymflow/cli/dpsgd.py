@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from asymflow.accounting.best import DEFAULT_METHODS
 from asymflow.cli.common import (
     DATA_HINTS,
     CliInputError,
@@ -38,7 +39,7 @@ MODEL = "Data and model"
 RUN = "Run"
 
 SAMPLERS = ("balanced", "poisson")
-METHODS = {"rdp": ("rdp",), "pld": ("pld",), "best": ("rdp", "pld")}
+METHODS = {"rdp": ("rdp",), "pld": ("pld",), "best": DEFAULT_METHODS}
 
 
 def dpsgd_train(

@@ -46,7 +46,12 @@ from typing import Any
 from opacus.accountants import IAccountant
 
 from asymflow.accounting.accountant import UnsupportedEventError
-from asymflow.accounting.best import CERTIFIED_METHODS, EpsilonReport, best_epsilon
+from asymflow.accounting.best import (
+    CERTIFIED_METHODS,
+    DEFAULT_METHODS,
+    EpsilonReport,
+    best_epsilon,
+)
 from asymflow.accounting.events import (
     BalancedSampled,
     Composed,
@@ -111,7 +116,7 @@ class AsymflowAccountant(IAccountant):
         scope: str = ALL_SCOPE,
         step_event: Callable[[float], Event] = Gaussian,
         note: str = "dp-sgd",
-        methods: tuple[str, ...] = ("rdp", "pld"),
+        methods: tuple[str, ...] = DEFAULT_METHODS,
     ) -> None:
         super().__init__()
         if isinstance(sampler, ShuffleSampler):

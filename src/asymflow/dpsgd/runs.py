@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from asymflow.accounting.best import CERTIFIED_METHODS
+from asymflow.accounting.best import CERTIFIED_METHODS, DEFAULT_METHODS
 from asymflow.dpsgd.partition import UNITS, PartitionSpec
 from asymflow.runfiles import (
     CONFIG_FILE,
@@ -108,7 +108,7 @@ class DpsgdConfig:
     seed: int = 0
     sampler_seed: int | None = None
     noise_seed: int | None = None
-    methods: tuple[str, ...] = ("rdp", "pld")
+    methods: tuple[str, ...] = DEFAULT_METHODS
     threads: int = 1
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from asymflow.accounting.best import CERTIFIED_METHODS
+from asymflow.accounting.best import CERTIFIED_METHODS, DEFAULT_METHODS
 from asymflow.dpsgd.partition import UNITS, PartitionSpec
 from asymflow.runfiles import (
     check_choice,
@@ -92,7 +92,7 @@ class FederatedConfig:
     seed: int = 0
     sampler_seed: int | None = None
     noise_seed: int | None = None
-    methods: tuple[str, ...] = ("rdp", "pld")
+    methods: tuple[str, ...] = DEFAULT_METHODS
     eval_batch_size: int = 256
     threads: int = 1
     parallelism: int = 1

@@ -3,8 +3,9 @@
 For each (σ, T, k, δ), one pass, this times five queries in the same run:
 
 - our BIS RDP (remove direction exact at integer orders where the overlap-profile program
-  finishes, :mod:`asymflow.accounting.balanced_rdp`, else a block relaxation; add direction the
-  reduction) and BIS PLD (k of T dominated by k compositions of 1-of-⌊T/k⌋ allocation,
+  finishes, :mod:`asymflow.accounting.balanced_rdp`, else a block relaxation; add direction
+  the reduction over all T steps, blocks of ⌊T/k⌋ and ⌊T/k⌋ + 1, and the exact complement
+  identity for k > T/2) and BIS PLD (k of T dominated by k compositions of 1-of-⌊T/k⌋ allocation,
   Feldman & Shenfeld arXiv 2502.08202, Lemma 3.2);
 - our block PLD ("pld-blocks", :mod:`asymflow.accounting.balanced_pld`: ⌊k/2⌋ compositions of
   a certified 2-of-⌊2T/k⌋ pair, bounded through 4-part partitions), for k >= 2 (at k = 1 it is

@@ -13,7 +13,8 @@ and ledger writes (the durable row before a release and its "released" mark), fo
 - ``train s2``: a stage-2 step with a per-epoch release, as ``asymflow.delta.train`` runs it:
   the release pass (M_bb, decomposition, sanitizer in cache-sized chunks; one ledger row per
   release of the whole training set, so its cost is divided by the training-set size) and
-  M_main's step on the same views (M_bb frozen, its IR recomputed);
+  M_main's step on the features that pass computed for the same views (each view is
+  decomposed once per epoch);
 - ``infer``: a query batch as ``asymflow.delta.infer`` serves it (ledger row, M_bb,
   decomposition, M_main, sanitizer, "released" mark);
 
@@ -201,6 +202,7 @@ class Bench:
         model.eval()
         c = self.config
         rows = release_chunk_rows(c.ir_channels * c.image_size**2, c.eval_batch_size)
+        kept = []
         for i in range(0, len(x), rows):  # train.py's release chunks
             with torch.no_grad():
                 with clock("stem"):
@@ -209,11 +211,9 @@ class Bench:
                     dec = decompose(ir, r=model.r, t=model.t, t_low=model.t_low)
             with clock("sanitize"):
                 sanitizer.sanitize(dec.residual, release)
+            kept.append(dec.features)  # M_main's input, from the same decomposition
         model.train()
-        with clock("stem"), torch.no_grad():
-            ir = model.ir(x)
-        with clock("decomp"):
-            feats = model.features_of_ir(ir)
+        feats = torch.cat(kept)
         with clock("main"):
             z = model.combine(model.main(feats), torch.zeros(len(x), CLASSES))
             loss = functional.cross_entropy(z, y) + self.penalty(model)

@@ -4,6 +4,7 @@ ledger records, refusals, and the held-out trust weight."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from asymflow.accounting.events import (
 )
 from asymflow.accounting.ledger import LEDGER_FILENAME, PrivacyLedger
 from asymflow.delta.padded import SlotPlan, padded_chunks, padded_sigma, slot_labels
-from asymflow.delta.runs import latest_checkpoint
+from asymflow.delta.runs import latest_checkpoint, release_file
 from asymflow.delta.sanitize import Sanitizer
 from asymflow.delta.train import TRAINED_BACKBONE, _Bars, _Run, holdout_split, train_delta
 from tests.delta.test_train import CrashingPublic, RecordingPublic, _CrashError
@@ -233,3 +234,49 @@ def test_a_trained_backbone_is_recorded_as_a_non_private_release(tmp_path, tiny)
     rows = [e for e in _entries(tmp_path / "run") if e.note == TRAINED_BACKBONE]
     assert len(rows) == 1 and isinstance(rows[0].event, NonPrivate)
     assert math.isinf(result.epsilon)
+
+
+class WaitingPublic(RecordingPublic):
+    """RecordingPublic whose training waits (up to 30 s) for the next epoch's payload file: it
+    returns early only if the private side releases epoch e+1 while epoch e trains."""
+
+    def __init__(self, config: Any, run_dir: Path, epochs: int) -> None:
+        super().__init__(config, run_dir)
+        self.epochs = epochs
+        self.overlapped: list[bool] = []
+
+    def train(self, dataset_id: str, epochs: int, **kwargs: Any) -> dict[str, float]:
+        epoch = len(self.received)
+        if epoch < self.epochs and len(self.trained) % 2 == 0:  # once per epoch (2 folds)
+            ahead = release_file(self.run_dir, f"train_epoch{epoch + 1}")
+            deadline = time.monotonic() + 30
+            while not ahead.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            self.overlapped.append(ahead.exists())
+        return super().train(dataset_id, epochs, **kwargs)
+
+
+@pytest.mark.parametrize("release", ["per-epoch", "padded"])
+def test_overlap_releases_the_next_epoch_during_public_training_with_the_same_result(
+    tmp_path, tiny, release
+):
+    config = tiny(release=release, epochs_stage2=3, sample_k=2, epsilon=4.0, public_folds=2)
+    runs = {}
+    for overlap in (False, True):
+        run_dir = tmp_path / f"overlap-{overlap}"
+        public = RecordingPublic(config, run_dir) if not overlap else None
+        public = public or WaitingPublic(config, run_dir, config.epochs_stage2)
+        result = train_delta(config, run_dir, progress=False, public=public, overlap=overlap)
+        runs[overlap] = (result, public, run_dir)
+    (plain, seq_public, seq_dir), (fast, par_public, par_dir) = runs[False], runs[True]
+    assert par_public.overlapped == [True, True]  # epochs 2 and 3 released ahead
+    assert fast.final == plain.final and fast.epsilon == plain.epsilon
+    for (a, _), (b, _) in zip(seq_public.received, par_public.received, strict=True):
+        assert torch.equal(a.unpack(), b.unpack())  # the same bits, epoch by epoch
+    rows = [[(e.event, e.note, e.status) for e in _entries(d)] for d in (seq_dir, par_dir)]
+    assert sorted(rows[0], key=repr) == sorted(rows[1], key=repr)  # same rows, every one released
+    model = [
+        torch.load(d / "ckpt" / "stage2_epoch3.pt", weights_only=True)["model"]
+        for d in (seq_dir, par_dir)
+    ]
+    assert all(torch.equal(model[0][k], model[1][k]) for k in model[0])

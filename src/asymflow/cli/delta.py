@@ -391,6 +391,16 @@ def delta_train(
     token_file: TokenFileOpt = None,
     ca_cert: CaCertOpt = None,
     insecure: InsecureOpt = False,
+    overlap: Annotated[
+        bool,
+        typer.Option(
+            "--overlap/--no-overlap",
+            help="With --public and a per-epoch or padded release: prepare each stage-2 "
+            "epoch's release in a second thread while the public side trains on the previous "
+            "one (same result, less wall time). \\[default: on]",
+            rich_help_panel=RUN,
+        ),
+    ] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Train a Delta variant into a run directory and print its summary.
@@ -429,7 +439,9 @@ def delta_train(
             with build_client(
                 lambda: RemotePublic(public_server, config=config, **remote)
             ) as public:
-                run = train_delta(config, out, progress=True, resume=resume, public=public)
+                run = train_delta(
+                    config, out, progress=True, resume=resume, public=public, overlap=overlap
+                )
             result = run.to_dict()
     if json_out:
         emit_json(result)
@@ -445,7 +457,7 @@ def delta_train(
 
 
 _NOT_CONFIG = frozenset(
-    ("out", "resume", "json_out", "public_server", "token_file", "ca_cert", "insecure")
+    ("out", "resume", "json_out", "public_server", "token_file", "ca_cert", "insecure", "overlap")
 )
 """Options of ``delta train`` that are not fields of the run's configuration."""
 

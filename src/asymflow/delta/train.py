@@ -28,9 +28,11 @@ import json
 import math
 import os
 import secrets
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,10 +210,15 @@ def payload_view(tensor: Tensor, config: DeltaConfig) -> Tensor:
 
 
 @torch.no_grad()
-def leaving_tensor(model: PrivateModel, x: Tensor, config: DeltaConfig) -> Tensor:
-    """What the sanitizer gets for images ``x``: the residual X - main (delta) or the whole IR
-    X (naive-dp), through :func:`payload_view`."""
-    return payload_view(model.ir(x) if config.variant == "naive-dp" else model.residual(x), config)
+def leaving_split(model: PrivateModel, x: Tensor, config: DeltaConfig) -> tuple[Tensor, Tensor]:
+    """(what the sanitizer gets, M_main's features) for images ``x``: the residual X - main
+    (delta) or the whole IR X (naive-dp), through :func:`payload_view`, and the features of
+    the same decomposition (empty for naive-dp, which decomposes nothing)."""
+    if config.variant == "naive-dp":
+        ir = model.ir(x)
+        return payload_view(ir, config), ir.new_empty((len(ir), 0))
+    split = model.decompose(x)
+    return payload_view(split.residual, config), split.features
 
 
 def build_original(config: DeltaConfig, in_channels: int, num_classes: int) -> nn.Module:
@@ -422,11 +429,13 @@ class _Run:
         run_dir: Path,
         public: PublicSide | None,
         bars: _Bars,
+        overlap: bool = False,
     ) -> None:
         self.config = config
         self.run_dir = run_dir
         self.bars = bars
         self.ledger = PrivacyLedger.for_run(run_dir)
+        self.local = threading.local()  # release_ahead's own ledger connection
         self.data = load_run_data(config)
         self.classes = len(self.data.classes)
         mean, std = input_stats(config, self.data)
@@ -448,6 +457,7 @@ class _Run:
             if config.backbone == "frozen":
                 self.model.freeze_backbone()  # data-independent: a function of the seed
         self.public: PublicSide | None = public
+        self.overlap = overlap and public is not None  # an in-process public shares our threads
         if public is None and config.releases_residual:
             self.public = LocalPublic(
                 build_public_factory(config, self.classes),
@@ -654,16 +664,42 @@ class _Run:
     def leaving(self, x: Tensor) -> Tensor:
         """What the sanitizer gets for images ``x``: the residual (delta) or the whole IR
         (naive-dp), or its mean over channels with ``payload="channel-mean"``."""
-        return leaving_tensor(self.model, x, self.config)
-
-    def chunked(self, views: Tensor) -> Iterator[Tensor]:
-        """Lazily :meth:`leaving` of ``views``, in row order."""
         assert isinstance(self.model, PrivateModel)
-        self.model.eval()
+        return leaving_split(self.model, x, self.config)[0]
+
+    def view_chunks(self, rows: int) -> Iterator[np.ndarray]:
+        """Row chunks of a pass over ``rows`` views: cache-sized (M_bb, SVD, sanitizer)."""
         c = self.config
-        rows = release_chunk_rows(c.ir_channels * self.height * self.width, c.eval_batch_size)
-        for idx in _chunks(len(views), rows):  # cache-sized: M_bb, SVD, sanitizer per chunk
-            yield self.leaving(views[torch.from_numpy(idx)])
+        size = release_chunk_rows(c.ir_channels * self.height * self.width, c.eval_batch_size)
+        return _chunks(rows, size)
+
+    def chunked(self, views: Tensor, features: list[Tensor] | None = None) -> Iterator[Tensor]:
+        """Lazily :meth:`leaving` of ``views``, in row order; the same decomposition's M_main
+        features are appended to ``features`` (for :meth:`view_features`). Stage 2 only: M_bb
+        is frozen in evaluation mode, so this touches no module's mode and may run beside
+        M_main's training (:meth:`release_ahead`)."""
+        assert isinstance(self.model, PrivateModel) and self.model.backbone_frozen
+        for idx in self.view_chunks(len(views)):
+            leaving, feats = leaving_split(self.model, views[torch.from_numpy(idx)], self.config)
+            if features is not None:
+                features.append(feats)
+            yield leaving
+
+    @torch.no_grad()
+    def view_features(self, views: Tensor, kept: list[Tensor]) -> Tensor:
+        """M_main's input for every row of ``views``: the features the epoch's release pass
+        kept, or (main-only, padded, a release read back after a restart) the same pass
+        without the sanitizer. Both run :meth:`view_chunks` in row order on the same frozen
+        M_bb, so they are the same tensors bit for bit, and stage 2 decomposes each view
+        once instead of twice."""
+        if kept and sum(len(f) for f in kept) == len(views):
+            return torch.cat(kept)
+        model = self.model
+        assert isinstance(model, PrivateModel)
+        model.eval()
+        return torch.cat(
+            [model.features(views[torch.from_numpy(idx)]) for idx in self.view_chunks(len(views))]
+        )
 
     def sigma(self) -> float:
         """Noise multiplier of the residual releases (0 for epsilon = inf)."""
@@ -684,9 +720,16 @@ class _Run:
             c.epsilon, c.delta, c.clip, releases=c.residual_releases, seed=_noise_seed(c, name)
         )
 
-    def residuals(self, name: str, views: Tensor, dataset: str, scope: str) -> SanitizedResidual:
+    def residuals(
+        self,
+        name: str,
+        views: Tensor,
+        dataset: str,
+        scope: str,
+        features: list[Tensor] | None = None,
+    ) -> SanitizedResidual:
         """The released payload ``name`` of ``views``: from the cache, or released now (ledger
-        row first).
+        row first, the pass's M_main features appended to ``features``).
 
         A release whose payload was not saved (crash in between) is released again under a
         new ledger row: the ledger may over-count, never under-count.
@@ -697,8 +740,8 @@ class _Run:
         what = "IR" if self.config.variant == "naive-dp" else "residual"
         payload, release = release_tensors(
             self.mechanism(name),
-            self.chunked(views),
-            ledger=self.ledger,
+            self.chunked(views, features),
+            ledger=self.writer,
             dataset=dataset,
             scope=scope,
             note=f"{what} release ({name})",
@@ -726,7 +769,7 @@ class _Run:
             return plan
         c = self.config
         what = "IR" if c.variant == "naive-dp" else "residual"
-        row = self.ledger.record(
+        row = self.writer.record(
             padded_event(self.sigma(), c.sample_k, c.epochs_stage2),
             dataset=c.data,
             scope="train",
@@ -758,7 +801,7 @@ class _Run:
         plan = self.slot_plan()
         sigma = self.sigma()
         if epoch in plan.started:
-            self.ledger.record(
+            self.writer.record(
                 Gaussian(sigma),
                 dataset=c.data,
                 scope="train",
@@ -773,9 +816,8 @@ class _Run:
             sampling=padded_event(sigma, c.sample_k, c.epochs_stage2),
             padded_slots=plan.slots,
         )
-        release = Release(plan.row, mechanism.event, self.ledger)
-        assert isinstance(self.model, PrivateModel)
-        self.model.eval()
+        release = Release(plan.row, mechanism.event, self.writer)
+        assert isinstance(self.model, PrivateModel) and self.model.backbone_frozen
         shape = tuple(self.leaving(views[:1]).shape[1:])
         chunks = padded_chunks(
             plan,
@@ -868,20 +910,35 @@ class _Run:
         if c.variant == "delta" and c.combine == "sum":
             model.residual_weight.weight.fill_(1.0)
         self.bars.stage("stage 2 (private + public)", c.epochs_stage2, start - 1)
+        with ThreadPoolExecutor(1, thread_name_prefix="asymflow-release-ahead") as pool:
+            self.stage2_epochs(start, opt, sched, labels, test_payload, pool)
+
+    def stage2_epochs(
+        self,
+        start: int,
+        opt: Any,
+        sched: Any,
+        labels: NoisyLabels | None,
+        test_payload: SanitizedResidual | None,
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        """Stage-2 epochs ``start``..E. With :attr:`overlap`, epoch e+1's release is prepared
+        in ``pool`` while the public side trains on epoch e's (:meth:`release_ahead`)."""
+        c = self.config
+        model = self.model
+        assert isinstance(model, PrivateModel)
         uploaded: str | None = None
+        ahead: Future[tuple[Tensor, list[Tensor]]] | None = None
         for epoch in range(start, c.epochs_stage2 + 1):
             began = time.perf_counter()
             row: dict[str, Any] = {"stage": 2, "epoch": epoch}
             row["global_epoch"] = c.epochs_stage1 + epoch
-            views = self.epoch_views(epoch)
+            views, kept = ahead.result() if ahead is not None else (self.epoch_views(epoch), [])
+            ahead = None
             z_train: Tensor | None = None
             z_test: Tensor | None = None
             if self.public is not None and test_payload is not None:
-                if c.release == "padded":
-                    payload = self.padded_residuals(epoch, views)
-                else:
-                    name = "train" if c.release == "once" else f"train_epoch{epoch}"
-                    payload = self.residuals(name, views, dataset=c.data, scope="train")
+                payload = self.train_release(epoch, views, kept)
                 spent = [
                     k
                     for k in self.release_refs
@@ -894,6 +951,13 @@ class _Run:
                 self.bars.start_batches(f"epoch {epoch}: public M_res", len(models))
                 sent = None if labels is None else self.uploaded_labels(labels)
                 dataset_id = self.public.upload(payload, sent)
+                if (
+                    self.overlap
+                    and c.release != "once"
+                    and labels is not None
+                    and epoch < c.epochs_stage2
+                ):
+                    ahead = pool.submit(self.release_ahead, epoch + 1)
                 if (
                     uploaded is not None
                     and uploaded != dataset_id
@@ -917,10 +981,11 @@ class _Run:
                         payload, models, self.folds(len(models), len(payload))
                     )
                     z_train = z_rows[torch.from_numpy(self.payload_rows())]
-            if z_train is not None and c.combine == "weighted":
-                row.update(self.fit_residual_weight(views, z_train))
             if c.variant in ("delta", "main-only"):
-                row.update(self.train_main_epoch(epoch, opt, sched, views, z_train))
+                features = self.view_features(views, kept)
+                if z_train is not None and c.combine == "weighted":
+                    row.update(self.fit_residual_weight(features, z_train))
+                row.update(self.train_main_epoch(epoch, opt, sched, features, z_train))
             z_main, energy = self.eval_private()
             row["energy_fraction"] = energy
             row["test_acc_main"] = _accuracy(z_main, self.test_labels)
@@ -933,11 +998,44 @@ class _Run:
                 row["test_acc_combined"] = row["test_acc_main"]
             else:
                 row["test_acc_combined"] = row["test_acc_public"]
+            if ahead is not None:
+                wait([ahead])  # its release reference goes into this checkpoint
             row["seconds"] = time.perf_counter() - began
             self.record_metrics(row)  # before the checkpoint: a resume truncates later rows
             self.save(2, epoch, opt, sched)
             acc = row["test_acc"]
             self.bars.epoch_done("" if acc is None else f"test acc {acc:.3f}")
+
+    def train_release(self, epoch: int, views: Tensor, kept: list[Tensor]) -> SanitizedResidual:
+        """The training set's payload of stage-2 epoch ``epoch`` (cached or released now);
+        the pass's M_main features go to ``kept``."""
+        c = self.config
+        if c.release == "padded":
+            return self.padded_residuals(epoch, views)
+        name = "train" if c.release == "once" else f"train_epoch{epoch}"
+        return self.residuals(name, views, c.data, "train", kept)
+
+    @property
+    def writer(self) -> PrivacyLedger:
+        """The ledger connection of the calling thread: SQLite connections belong to the
+        thread that opened them, and the ledger's write transactions serialize writers."""
+        ledger: PrivacyLedger | None = getattr(self.local, "ledger", None)
+        return self.ledger if ledger is None else ledger
+
+    def release_ahead(self, epoch: int) -> tuple[Tensor, list[Tensor]]:
+        """Epoch ``epoch``'s views and release (ledger row first, payload file written), run
+        in a worker thread while the public side trains on the previous epoch's. M_bb is
+        frozen, so the release does not depend on that training: the same bits as in
+        sequence (same views, same noise seed). Nothing else writes the ledger meanwhile:
+        overlap is off with label gradients, whose rows the epoch writes."""
+        views = self.epoch_views(epoch)
+        kept: list[Tensor] = []
+        with PrivacyLedger.for_run(self.run_dir) as self.local.ledger:
+            try:
+                self.train_release(epoch, views, kept)
+            finally:
+                self.local.ledger = None
+        return views, kept
 
     def label_gradient_sigma(self) -> float:
         """Noise multiplier of the label gradients: all of a record's releases over the run
@@ -1020,12 +1118,12 @@ class _Run:
             z[torch.from_numpy(rows)] = self.public.logits(payload.subset(rows), model=name)
         return z
 
-    def fit_residual_weight(self, views: Tensor, z_res: Tensor) -> dict[str, float]:
+    def fit_residual_weight(self, features: Tensor, z_res: Tensor) -> dict[str, float]:
         """w = argmin_{w >= 0} mean_i CE(z_main,i + w log_softmax(z_res,i), y_i) over the
         held-out rows, which no private model trained on, with their out-of-fold z_res and
-        z_main of the same views in evaluation mode: the w-step of the block-coordinate
-        descent on Delta's private objective (:class:`ResidualWeight`). On training rows
-        z_main is near-perfect and would push w to 0 (in-sample bias).
+        z_main of the same views (their M_main ``features``) in evaluation mode: the w-step
+        of the block-coordinate descent on Delta's private objective (:class:`ResidualWeight`).
+        On training rows z_main is near-perfect and would push w to 0 (in-sample bias).
 
         Returns w and the held-out losses at w = 0 (main-only) and at the fitted w, which is
         never larger (w = 0 is feasible)."""
@@ -1034,9 +1132,7 @@ class _Run:
         rows = torch.from_numpy(self.held_rows)
         model.eval()
         with torch.no_grad():
-            z_main = torch.cat(
-                [model.main(model.features(views[rows[i]])) for i in _chunks(len(rows), 512)]
-            )
+            z_main = torch.cat([model.main(features[rows[i]]) for i in _chunks(len(rows), 512)])
         z_held = z_res[rows]
         labels = torch.from_numpy(self.data.train.labels[self.held_rows])
         weight = model.residual_weight.fit(z_main, z_held, labels)
@@ -1047,10 +1143,11 @@ class _Run:
         }
 
     def train_main_epoch(
-        self, epoch: int, opt: Any, sched: Any, views: Tensor, z_res: Tensor | None
+        self, epoch: int, opt: Any, sched: Any, features: Tensor, z_res: Tensor | None
     ) -> dict[str, Any]:
-        """One epoch of M_main on the epoch's ``views`` of its training rows, with the loss
-        CE(z_main + w log_softmax(z_res), y) for w fixed (main-only: CE(z_main, y))."""
+        """One epoch of M_main on the ``features`` of the epoch's views of its training rows,
+        with the loss CE(z_main + w log_softmax(z_res), y) for w fixed (main-only:
+        CE(z_main, y))."""
         c = self.config
         model = self.model
         assert isinstance(model, PrivateModel)
@@ -1061,10 +1158,8 @@ class _Run:
         labels = torch.from_numpy(self.data.train.labels)
         for i in range(self.steps):
             idx = torch.from_numpy(order[i * c.batch_size : (i + 1) * c.batch_size])
-            x, y = views[idx], labels[idx]
-            with torch.no_grad():
-                ir = model.ir(x)
-            z = model.main(model.features_of_ir(ir))
+            y = labels[idx]
+            z = model.main(features[idx])
             if z_res is not None:
                 z = model.combine(z, z_res[idx])
             loss = functional.cross_entropy(z, y)
@@ -1139,12 +1234,16 @@ def train_delta(
     progress: bool = True,
     resume: bool = False,
     public: PublicSide | None = None,
+    overlap: bool = True,
 ) -> RunResult:
     """Train ``config.variant`` into ``run_dir`` (see the module docstring); return the summary.
 
     ``resume=True`` continues from the latest checkpoint of an existing run with the same
     configuration; cached releases are reused, never released again without a new ledger row.
-    ``public`` replaces the in-process :class:`LocalPublic` (e.g. a remote client).
+    ``public`` replaces the in-process :class:`LocalPublic` (e.g. a remote client); with
+    ``overlap`` (and a per-epoch or padded release), the private side then prepares each
+    stage-2 epoch's release in a second thread while the public side trains on the previous
+    one. The result is the same bit for bit; only the wall time changes.
     """
     if not isinstance(config, DeltaConfig):
         raise TypeError(f"config must be a DeltaConfig, got {type(config).__name__}")
@@ -1164,7 +1263,7 @@ def train_delta(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, config)
     with torch_threads(config.threads), _Bars(progress, run_dir.name or config.variant) as bars:
-        run = _Run(config, run_dir, public, bars)
+        run = _Run(config, run_dir, public, bars, overlap=overlap)
         try:
             found = latest_checkpoint(run_dir) if resume else None
             state: dict[str, Any] | None = None

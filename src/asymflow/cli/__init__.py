@@ -34,6 +34,7 @@ from typer.core import TyperGroup
 from asymflow import __version__
 from asymflow.cli import account, audit, delta, demo, dpsgd, fl, ledger, public
 from asymflow.cli.common import fail
+from asymflow.cli.options import ConfigCommand
 
 __all__ = ["app"]
 
@@ -107,7 +108,7 @@ public_app = typer.Typer(
 
 app.command("demo")(demo.demo)
 app.add_typer(delta_app, name="delta")
-delta_app.command("train")(delta.delta_train)
+delta_app.command("train", cls=ConfigCommand)(delta.delta_train)
 delta_app.command("eval")(delta.delta_eval)
 delta_app.command("report")(delta.delta_report)
 app.add_typer(dpsgd_app, name="dpsgd")

@@ -32,10 +32,9 @@ from asymflow.cli.common import (
     emit_json,
     errors,
     fmt,
-    option_name,
     out_console,
-    parse_int_list,
 )
+from asymflow.cli.options import config_command, option_names, run_config
 from asymflow.cli.public import (
     CaCertOpt,
     InsecureOpt,
@@ -52,18 +51,20 @@ from asymflow.cli.public import (
 if TYPE_CHECKING:
     from asymflow.delta.runs import DeltaConfig
 
-DATA = "Data"
-DECOMPOSITION = "Decomposition and models"
-TRAINING = "Training"
-PRIVACY = "Privacy"
 RUN = "Run"
-
 
 # ------------------------------------------------------------------------------------ train
 
 
+def _config_class() -> type[DeltaConfig]:
+    from asymflow.delta.runs import DeltaConfig
+
+    return DeltaConfig
+
+
+@config_command(_config_class)
 def delta_train(
-    ctx: typer.Context,
+    *,
     out: Annotated[
         Path,
         typer.Option(
@@ -82,311 +83,7 @@ def delta_train(
             rich_help_panel=RUN,
         ),
     ] = False,
-    variant: Annotated[
-        str | None,
-        typer.Option(
-            metavar="[delta|original|main-only|naive-dp]",
-            help="delta; original (non-private baseline); main-only (M_main alone, nothing "
-            "leaves); naive-dp (the whole IR sanitized). \\[default: delta]",
-            rich_help_panel=DATA,
-        ),
-    ] = None,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            metavar="SPEC",
-            help="digits, synthetic[:N], folder:PATH, cifar10:PATH or cifar100:PATH. "
-            "\\[default: digits]",
-            rich_help_panel=DATA,
-        ),
-    ] = None,
-    image_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Side of the digits images (digits only). \\[default: 16]", rich_help_panel=DATA
-        ),
-    ] = None,
-    ir_channels: Annotated[
-        int | None,
-        typer.Option(
-            help="Channels c of the intermediate representation X (M_bb's output), >= r. "
-            "\\[default: 32]",
-            rich_help_panel=DECOMPOSITION,
-        ),
-    ] = None,
-    r: Annotated[
-        int | None,
-        typer.Option(
-            help="Singular triplets kept private, 1 <= r <= ir_channels. \\[default: 8]",
-            rich_help_panel=DECOMPOSITION,
-        ),
-    ] = None,
-    t: Annotated[
-        int | None,
-        typer.Option(
-            help="DCT block size t; must divide the image height and width. \\[default: 16]",
-            rich_help_panel=DECOMPOSITION,
-        ),
-    ] = None,
-    t_low: Annotated[
-        int | None,
-        typer.Option(
-            help="Low-frequency band t' kept per block, 1 <= t' <= t. \\[default: 8]",
-            rich_help_panel=DECOMPOSITION,
-        ),
-    ] = None,
-    private_widths: Annotated[
-        str | None,
-        typer.Option(
-            metavar="N,N,...",
-            help="Output channels n of M_main's factorized stages. \\[default: 16,64,128]",
-            rich_help_panel=DECOMPOSITION,
-        ),
-    ] = None,
-    private_ranks: Annotated[
-        str | None,
-        typer.Option(
-            metavar="Q,Q,...",
-            help="Kernels q of each factorized conv, one per stage. \\[default: 4,8,16]",
-            rich_help_panel=DECOMPOSITION,
-        ),
-    ] = None,
-    public_arch: Annotated[
-        str | None,
-        typer.Option(
-            metavar="[resnet20|resnet18|resnet34]",
-            help="M_res: this network without its stem. \\[default: resnet20]",
-            rich_help_panel=DECOMPOSITION,
-        ),
-    ] = None,
-    public_width: Annotated[
-        float | None,
-        typer.Option(
-            help="Width multiplier of M_res, in [0.001, 16]. \\[default: 0.5]",
-            rich_help_panel=DECOMPOSITION,
-        ),
-    ] = None,
-    public_folds: Annotated[
-        int | None,
-        typer.Option(
-            help="Cross-fitted public models, 1..10 (M_main learns from out-of-fold z_res). "
-            "\\[default: 2]",
-            rich_help_panel=DECOMPOSITION,
-        ),
-    ] = None,
-    epochs_stage1: Annotated[
-        int | None,
-        typer.Option(
-            help="Stage-1 epochs (M_bb + M_main on the main part), >= 0. \\[default: 6]",
-            rich_help_panel=TRAINING,
-        ),
-    ] = None,
-    epochs_stage2: Annotated[
-        int | None,
-        typer.Option(
-            help="Stage-2 epochs (M_main privately, M_res publicly), >= 0. \\[default: 6]",
-            rich_help_panel=TRAINING,
-        ),
-    ] = None,
-    public_epochs: Annotated[
-        int | None,
-        typer.Option(
-            help="Epochs of M_res per stage-2 epoch, >= 1. \\[default: 3]",
-            rich_help_panel=TRAINING,
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(help="Training batch size, >= 1. \\[default: 64]", rich_help_panel=TRAINING),
-    ] = None,
-    eval_batch_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Evaluation batch size, >= 1. \\[default: 256]", rich_help_panel=TRAINING
-        ),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(
-            help="Learning rate of stage 1 (and of original), 0 < lr <= 10. \\[default: 0.05]",
-            rich_help_panel=TRAINING,
-        ),
-    ] = None,
-    stage2_lr: Annotated[
-        float | None,
-        typer.Option(
-            help="Learning rate of M_main in stage 2, 0 < lr <= 10. \\[default: 0.02]",
-            rich_help_panel=TRAINING,
-        ),
-    ] = None,
-    public_lr: Annotated[
-        float | None,
-        typer.Option(
-            help="Learning rate of M_res, 0 < lr <= 10. \\[default: 0.1]", rich_help_panel=TRAINING
-        ),
-    ] = None,
-    momentum: Annotated[
-        float | None,
-        typer.Option(
-            help="SGD momentum, in [0, 0.999]. \\[default: 0.9]", rich_help_panel=TRAINING
-        ),
-    ] = None,
-    weight_decay: Annotated[
-        float | None,
-        typer.Option(help="Weight decay, in [0, 1]. \\[default: 0.0005]", rich_help_panel=TRAINING),
-    ] = None,
-    alpha: Annotated[
-        float | None,
-        typer.Option(
-            help="Kernel-orthogonality weight α of ||WWᵀ-I||², in [0, 100]. \\[default: 0.001]",
-            rich_help_panel=TRAINING,
-        ),
-    ] = None,
-    augment: Annotated[
-        bool | None,
-        typer.Option(
-            "--augment/--no-augment",
-            help="Random crops (black padding) of the private inputs. \\[default: on]",
-            rich_help_panel=TRAINING,
-        ),
-    ] = None,
-    flip: Annotated[
-        bool | None,
-        typer.Option(
-            "--flip/--no-flip",
-            help="Random mirroring too (digits are not mirror-symmetric). \\[default: off]",
-            rich_help_panel=TRAINING,
-        ),
-    ] = None,
-    public_augment: Annotated[
-        bool | None,
-        typer.Option(
-            "--public-augment/--no-public-augment",
-            help="Random crops of the public side's bit maps. \\[default: off]",
-            rich_help_panel=TRAINING,
-        ),
-    ] = None,
-    epsilon: Annotated[
-        float | None,
-        typer.Option(
-            help="Target ε of the residual release(s), 0 < ε <= inf ('inf': sign bits without "
-            "noise, recorded as a non-private release). \\[default: 1.4]",
-            rich_help_panel=PRIVACY,
-        ),
-    ] = None,
-    delta: Annotated[
-        float | None,
-        typer.Option(
-            help="δ of the releases, 0 < δ < 1. \\[default: 1e-05]", rich_help_panel=PRIVACY
-        ),
-    ] = None,
-    clip: Annotated[
-        float | None,
-        typer.Option(
-            help="Per-sample L2 clip norm C of the residual, finite > 0. \\[default: 1.0]",
-            rich_help_panel=PRIVACY,
-        ),
-    ] = None,
-    labels: Annotated[
-        str | None,
-        typer.Option(
-            metavar="[rr|grad|clear]",
-            help="How labels reach the public side: rr (randomized response, once), grad "
-            "(noisy per-step gradients softmax(z_res)-y, one round trip per step), or "
-            "clear (a non-private release). \\[default: rr]",
-            rich_help_panel=PRIVACY,
-        ),
-    ] = None,
-    label_epsilon: Annotated[
-        float | None,
-        typer.Option(
-            help="ε of the labels (rr, or all noisy gradients of a record), finite > 0. "
-            "\\[default: 2.0]",
-            rich_help_panel=PRIVACY,
-        ),
-    ] = None,
-    release: Annotated[
-        str | None,
-        typer.Option(
-            metavar="[once|per-epoch|padded]",
-            help="Release the residuals of the un-augmented images once (cached), of a fresh "
-            "augmented view every stage-2 epoch, or in padded slots: each record in exactly "
-            "--sample-k of the stage-2 epochs, pure noise in the others (accounted as "
-            "balanced sampling). \\[default: per-epoch]",
-            rich_help_panel=PRIVACY,
-        ),
-    ] = None,
-    sample_k: Annotated[
-        int | None,
-        typer.Option(
-            help="With --release padded: epochs in which each record's slot carries its "
-            "residual, 1 <= k <= --epochs-stage2. \\[default: 1]",
-            rich_help_panel=PRIVACY,
-        ),
-    ] = None,
-    slots: Annotated[
-        int | None,
-        typer.Option(
-            help="With --release padded: slots per epoch, a public constant >= the record "
-            "count (0: the record count, then treated as public). \\[default: 0]",
-            rich_help_panel=PRIVACY,
-        ),
-    ] = None,
-    payload: Annotated[
-        str | None,
-        typer.Option(
-            metavar="[full|channel-mean]",
-            help="What is released: the c x h x w residual, or its 1 x h x w mean over "
-            "channels (same clip and noise, fewer dimensions). \\[default: full]",
-            rich_help_panel=PRIVACY,
-        ),
-    ] = None,
-    combine: Annotated[
-        str | None,
-        typer.Option(
-            metavar="[weighted|sum]",
-            help="Prediction: z_main + w log_softmax(z_res) with w >= 0 fitted on held-out "
-            "rows, or the plain sum z_main + z_res. \\[default: weighted]",
-            rich_help_panel=TRAINING,
-        ),
-    ] = None,
-    backbone: Annotated[
-        str | None,
-        typer.Option(
-            metavar="[frozen|trained]",
-            help="M_bb kept at its seeded initialization (each residual depends on its own "
-            "record only), or trained in stage 1 as in the paper (then no per-record bound "
-            "holds and the ledger records epsilon = inf). \\[default: frozen]",
-            rich_help_panel=PRIVACY,
-        ),
-    ] = None,
-    holdout: Annotated[
-        float | None,
-        typer.Option(
-            help="Fraction of training rows no private model trains on (w is fitted there), "
-            "0 <= holdout <= 0.5 (> 0 with --combine weighted). \\[default: 0.1]",
-            rich_help_panel=TRAINING,
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(
-            help="Seed of initialization, shuffling and crops, >= 0. \\[default: 0]",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    noise_seed: Annotated[
-        int | None,
-        typer.Option(
-            help="Seed of the sanitizer and randomized-response noise, for reproducible tests "
-            "only. \\[default: none: the OS's secure source]",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(help="torch threads, >= 1. \\[default: 1]", rich_help_panel=RUN),
-    ] = None,
+    given: dict[str, Any],
     public_server: PublicOpt = None,
     token_file: TokenFileOpt = None,
     ca_cert: CaCertOpt = None,
@@ -407,21 +104,18 @@ def delta_train(
 
     Example: asymflow delta train --data digits --epsilon 1.4 --out runs/delta
     """
-    given = {
-        name: value
-        for name, value in ctx.params.items()
-        if value is not None and name not in _NOT_CONFIG
-    }
     lost = (
         f"continue the run from its last checkpoint with 'asymflow delta train --out {out} "
         f"--resume --public {public_server} ...'"
     )
-    with errors(_options(), DATA_HINTS), remote_errors(public_server, lost):
+    options = option_names(_config_class(), run_dir="--out")
+    with errors(options, DATA_HINTS), remote_errors(public_server, lost):
         check_client_options(public_server, token_file, ca_cert, insecure)
-        for name in ("private_widths", "private_ranks"):
-            if name in given:
-                given[name] = parse_int_list(option_name(name), given[name])
-        config = _train_config(given, out, resume)
+        from asymflow.delta.runs import read_config
+
+        config = run_config(
+            out, resume, given, new=lambda: _new_config(given), read=read_config, options=options
+        )
         check_releases(config, public_server)
         from asymflow.delta.train import train_delta
 
@@ -456,50 +150,13 @@ def delta_train(
     )
 
 
-_NOT_CONFIG = frozenset(
-    ("out", "resume", "json_out", "public_server", "token_file", "ca_cert", "insecure", "overlap")
-)
-"""Options of ``delta train`` that are not fields of the run's configuration."""
+def _new_config(given: Mapping[str, Any]) -> DeltaConfig:
+    """A new run's config, its data spec (and t | image size) checked before the run directory
+    is made."""
+    from asymflow.delta.train import load_run_data
 
-
-def _options() -> dict[str, str]:
-    """Config field -> option, for error messages (the run directory is --out)."""
-    from asymflow.delta.runs import DeltaConfig
-
-    options = {name: option_name(name) for name in DeltaConfig.__dataclass_fields__}
-    options["run_dir"] = "--out"
-    return options
-
-
-def _train_config(given: Mapping[str, Any], out: Path, resume: bool) -> DeltaConfig:
-    """The run's config: the options over the defaults, or over the run's own config.json."""
-    from asymflow.delta.runs import CONFIG_FILE, DeltaConfig, read_config
-
-    if out.exists() and not out.is_dir():
-        raise CliInputError(f"--out must be a directory, got the file {str(out)!r}")
-    if not (out / CONFIG_FILE).is_file():
-        config = DeltaConfig(**given)
-        from asymflow.delta.train import load_run_data
-
-        load_run_data(config)  # data spec and t | image size, before the run directory exists
-        return config
-    if not resume:
-        raise CliInputError(
-            f"--out {str(out)!r} already holds a run; pass --resume to continue it, or choose "
-            "a new directory"
-        )
-    stored = read_config(out)
-    config = stored.replace(**given)
-    differ = [
-        f"{option_name(name)} (run: {getattr(stored, name)}, given: {getattr(config, name)})"
-        for name in DeltaConfig.__dataclass_fields__
-        if getattr(stored, name) != getattr(config, name)
-    ]
-    if differ:
-        raise CliInputError(
-            "--resume continues a run with the settings in its config.json; these options "
-            f"differ: {', '.join(differ)}"
-        )
+    config = _config_class()(**given)
+    load_run_data(config)
     return config
 
 

@@ -45,6 +45,7 @@ from asymflow.runfiles import (
 )
 from asymflow.runfiles import read_config as _read_config
 from asymflow.runfiles import write_config as _write_config
+from asymflow.settings import setting
 
 __all__ = [
     "BACKBONES",
@@ -89,6 +90,13 @@ COMBINE_MODES: tuple[str, ...] = ("weighted", "sum")
 BACKBONES: tuple[str, ...] = ("frozen", "trained")
 
 _CKPT_NAME = re.compile(r"^stage([12])_epoch(\d+)\.pt$")
+
+# Help panels of the fields' command-line options (asymflow delta train).
+_DATA = "Data"
+_MODELS = "Decomposition and models"
+_TRAINING = "Training"
+_PRIVACY = "Privacy"
+_RUN = "Run"
 
 
 @dataclass(frozen=True)
@@ -141,47 +149,146 @@ class DeltaConfig:
     secure source; a fixed value makes the run reproducible (tests only).
     """
 
-    variant: str = "delta"
-    data: str = "digits"
-    image_size: int = 16
-    ir_channels: int = 32
-    r: int = 8
-    t: int = 16
-    t_low: int = 8
-    private_widths: tuple[int, ...] = DEMO_PRIVATE_WIDTHS
-    private_ranks: tuple[int, ...] = DEMO_PRIVATE_RANKS
-    public_arch: str = "resnet20"
-    public_width: float = 0.5
-    epochs_stage1: int = 6
-    epochs_stage2: int = 6
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    lr: float = 0.05
-    stage2_lr: float = 0.02
-    public_lr: float = 0.1
-    public_augment: bool = False
-    public_folds: int = 2
-    public_epochs: int = 3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    alpha: float = 1e-3
-    augment: bool = True
-    flip: bool = False
-    epsilon: float = 1.4
-    delta: float = 1e-5
-    clip: float = 1.0
-    label_epsilon: float = 2.0
-    labels: str = "rr"
-    release: str = "per-epoch"
-    sample_k: int = 1
-    slots: int = 0
-    payload: str = "full"
-    combine: str = "weighted"
-    holdout: float = 0.1
-    backbone: str = "frozen"
-    seed: int = 0
-    noise_seed: int | None = None
-    threads: int = 1
+    variant: str = setting(
+        "delta",
+        "delta; original (non-private baseline); main-only (M_main alone, nothing leaves); "
+        "naive-dp (the whole IR sanitized).",
+        _DATA,
+        choices=VARIANTS,
+    )
+    data: str = setting(
+        "digits",
+        "digits, synthetic[:N], folder:PATH, cifar10:PATH or cifar100:PATH.",
+        _DATA,
+        metavar="SPEC",
+    )
+    image_size: int = setting(16, "Side of the digits images (digits only).", _DATA)
+    ir_channels: int = setting(
+        32, "Channels c of the intermediate representation X (M_bb's output), >= r.", _MODELS
+    )
+    r: int = setting(8, "Singular triplets kept private, 1 <= r <= ir_channels.", _MODELS)
+    t: int = setting(16, "DCT block size t; must divide the image height and width.", _MODELS)
+    t_low: int = setting(8, "Low-frequency band t' kept per block, 1 <= t' <= t.", _MODELS)
+    private_widths: tuple[int, ...] = setting(
+        DEMO_PRIVATE_WIDTHS,
+        "Output channels n of M_main's factorized stages.",
+        _MODELS,
+        metavar="N,N,...",
+    )
+    private_ranks: tuple[int, ...] = setting(
+        DEMO_PRIVATE_RANKS,
+        "Kernels q of each factorized conv, one per stage.",
+        _MODELS,
+        metavar="Q,Q,...",
+    )
+    public_arch: str = setting(
+        "resnet20", "M_res: this network without its stem.", _MODELS, choices=tuple(ARCHS)
+    )
+    public_width: float = setting(0.5, "Width multiplier of M_res, in [0.001, 16].", _MODELS)
+    epochs_stage1: int = setting(
+        6, "Stage-1 epochs (M_bb + M_main on the main part), >= 0.", _TRAINING
+    )
+    epochs_stage2: int = setting(
+        6, "Stage-2 epochs (M_main privately, M_res publicly), >= 0.", _TRAINING
+    )
+    batch_size: int = setting(64, "Training batch size, >= 1.", _TRAINING)
+    eval_batch_size: int = setting(256, "Evaluation batch size, >= 1.", _TRAINING)
+    lr: float = setting(
+        0.05, "Learning rate of stage 1 (and of original), 0 < lr <= 10.", _TRAINING
+    )
+    stage2_lr: float = setting(0.02, "Learning rate of M_main in stage 2, 0 < lr <= 10.", _TRAINING)
+    public_lr: float = setting(0.1, "Learning rate of M_res, 0 < lr <= 10.", _TRAINING)
+    public_augment: bool = setting(False, "Random crops of the public side's bit maps.", _TRAINING)
+    public_folds: int = setting(
+        2,
+        "Cross-fitted public models, 1..10 (M_main learns from out-of-fold z_res).",
+        _MODELS,
+    )
+    public_epochs: int = setting(3, "Epochs of M_res per stage-2 epoch, >= 1.", _TRAINING)
+    momentum: float = setting(0.9, "SGD momentum, in [0, 0.999].", _TRAINING)
+    weight_decay: float = setting(5e-4, "Weight decay, in [0, 1].", _TRAINING)
+    alpha: float = setting(
+        1e-3, "Kernel-orthogonality weight α of ||WWᵀ-I||², in [0, 100].", _TRAINING
+    )
+    augment: bool = setting(True, "Random crops (black padding) of the private inputs.", _TRAINING)
+    flip: bool = setting(
+        False, "Random mirroring too (digits are not mirror-symmetric).", _TRAINING
+    )
+    epsilon: float = setting(
+        1.4,
+        "Target ε of the residual release(s), 0 < ε <= inf ('inf': sign bits without noise, "
+        "recorded as a non-private release).",
+        _PRIVACY,
+    )
+    delta: float = setting(1e-5, "δ of the releases, 0 < δ < 1.", _PRIVACY)
+    clip: float = setting(1.0, "Per-sample L2 clip norm C of the residual, finite > 0.", _PRIVACY)
+    label_epsilon: float = setting(
+        2.0, "ε of the labels (rr, or all noisy gradients of a record), finite > 0.", _PRIVACY
+    )
+    labels: str = setting(
+        "rr",
+        "How labels reach the public side: rr (randomized response, once), grad (noisy "
+        "per-step gradients softmax(z_res)-y, one round trip per step), or clear (a "
+        "non-private release).",
+        _PRIVACY,
+        choices=LABEL_MODES,
+    )
+    release: str = setting(
+        "per-epoch",
+        "Release the residuals of the un-augmented images once (cached), of a fresh augmented "
+        "view every stage-2 epoch, or in padded slots: each record in exactly --sample-k of "
+        "the stage-2 epochs, pure noise in the others (accounted as balanced sampling).",
+        _PRIVACY,
+        choices=RELEASE_MODES,
+    )
+    sample_k: int = setting(
+        1,
+        "With --release padded: epochs in which each record's slot carries its residual, "
+        "1 <= k <= --epochs-stage2.",
+        _PRIVACY,
+    )
+    slots: int = setting(
+        0,
+        "With --release padded: slots per epoch, a public constant >= the record count (0: "
+        "the record count, then treated as public).",
+        _PRIVACY,
+    )
+    payload: str = setting(
+        "full",
+        "What is released: the c x h x w residual, or its 1 x h x w mean over channels (same "
+        "clip and noise, fewer dimensions).",
+        _PRIVACY,
+        choices=PAYLOADS,
+    )
+    combine: str = setting(
+        "weighted",
+        "Prediction: z_main + w log_softmax(z_res) with w >= 0 fitted on held-out rows, or "
+        "the plain sum z_main + z_res.",
+        _TRAINING,
+        choices=COMBINE_MODES,
+    )
+    holdout: float = setting(
+        0.1,
+        "Fraction of training rows no private model trains on (w is fitted there), "
+        "0 <= holdout <= 0.5 (> 0 with --combine weighted).",
+        _TRAINING,
+    )
+    backbone: str = setting(
+        "frozen",
+        "M_bb kept at its seeded initialization (each residual depends on its own record "
+        "only), or trained in stage 1 as in the paper (then no per-record bound holds and the "
+        "ledger records epsilon = inf).",
+        _PRIVACY,
+        choices=BACKBONES,
+    )
+    seed: int = setting(0, "Seed of initialization, shuffling and crops, >= 0.", _RUN)
+    noise_seed: int | None = setting(
+        None,
+        "Seed of the sanitizer and randomized-response noise, for reproducible tests only.",
+        _RUN,
+        unset="the OS's secure source",
+    )
+    threads: int = setting(1, "torch threads, >= 1.", _RUN)
 
     def __post_init__(self) -> None:
         check_choice("variant", self.variant, VARIANTS)

@@ -1,0 +1,170 @@
+"""Options made from a run configuration: one per field declared with
+:func:`asymflow.settings.setting` (``t_low`` -> ``--t-low``, a bool ``--augment/--no-augment``),
+in the field's help panel, its help ending with the field's own default.
+
+An option left out is None, so that a command sees the fields given: applied over the config's
+defaults, or with ``--resume`` compared with the run's ``config.json`` (:func:`run_config`).
+The values are checked once, by the config's ``__post_init__``; only lists are parsed here
+(``8,16`` -> ``(8, 16)``). The options are made when the command is first looked up: the
+config modules import torch, which the other commands start without.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from typer.core import TyperCommand, TyperOption
+
+from asymflow.cli.common import CliInputError, errors, option_name, parse_int_list
+
+__all__ = ["ConfigCommand", "config_command", "option_names", "run_config"]
+
+T = TypeVar("T")
+Command = Callable[..., None]
+_SPEC = "asymflow_config_options"
+_TYPES: dict[Any, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING}
+
+
+def config_command(load: Callable[[], type]) -> Callable[[Command], Command]:
+    """Make ``command(*, ..., given, ...)`` a command whose options, in the place of its
+    keyword ``given``, are the documented fields of the config class ``load()`` returns;
+    ``given`` receives the fields set. Register it with ``cls=ConfigCommand``."""
+
+    def decorate(command: Command) -> Command:
+        own = list(inspect.signature(command, eval_str=True).parameters.values())
+        at = [p.name for p in own].index("given")
+
+        def run(**options: Any) -> None:
+            with errors():
+                given = {
+                    f.name: _parse(f.name, hint, value)
+                    for f, hint in _documented(load())
+                    if (value := options.pop(f.name)) not in (None, ())
+                }
+            command(given=given, **options)
+
+        run.__signature__ = inspect.Signature(own[:at] + own[at + 1 :])  # type: ignore[attr-defined]
+        for name in ("__name__", "__qualname__", "__doc__", "__module__"):
+            setattr(run, name, getattr(command, name))
+        vars(run)[_SPEC] = (load, at)
+        return run
+
+    return decorate
+
+
+class ConfigCommand(TyperCommand):
+    """A command of :func:`config_command`: its config's options join ``params`` on first
+    access (help, parsing)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._own: list[click.Parameter] = []
+        self._all: list[click.Parameter] | None = None
+        super().__init__(*args, **kwargs)
+
+    @property  # type: ignore[override]
+    def params(self) -> list[click.Parameter]:
+        if self._all is None:
+            load, at = vars(self.callback)[_SPEC]
+            made = [_option(f, hint) for f, hint in _documented(load())]
+            self._all = self._own[:at] + made + self._own[at:]
+        return self._all
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._own, self._all = list(value), None
+
+
+def option_names(config: type, **extra: str) -> dict[str, str]:
+    """Config field -> its option, and ``extra`` names, for the messages of :func:`errors`."""
+    return {**{f.name: option_name(f.name) for f in dataclasses.fields(config)}, **extra}
+
+
+def run_config(
+    out: Path,
+    resume: bool,
+    given: Mapping[str, Any],
+    *,
+    new: Callable[[], T],
+    read: Callable[[Path], T],
+    options: Mapping[str, str],
+) -> T:
+    """The run's config: ``new()`` for a new run directory ``out``; with ``resume`` the run's
+    own ``read(out)``, which the options ``given`` must match."""
+    if out.exists() and not out.is_dir():
+        raise CliInputError(f"--out must be a directory, got the file {str(out)!r}")
+    if not (out / "config.json").is_file():
+        return new()
+    if not resume:
+        raise CliInputError(
+            f"--out already holds a run ({out}); pass --resume to continue it, or choose a new "
+            "directory"
+        )
+    stored = read(out)
+    differ = [
+        f"{options[name]} (run: {getattr(stored, name)}, given: {value})"
+        for name, value in given.items()
+        if getattr(stored, name) != value
+    ]
+    if differ:
+        raise CliInputError(
+            "--resume continues a run with the settings in its config.json; these options "
+            f"differ: {', '.join(differ)}"
+        )
+    return stored
+
+
+def _documented(config: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+    """The fields of ``config`` declared with help, and their types."""
+    hints = typing.get_type_hints(config)
+    return [(f, hints[f.name]) for f in dataclasses.fields(config) if "help" in f.metadata]
+
+
+def _shown(field: dataclasses.Field[Any]) -> str:
+    """The default as the help shows it: on/off, ``16,64``, ``none: <what None means>``."""
+    value = field.default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if value is None:
+        unset = field.metadata["unset"]
+        return "" if unset is None else f"none: {unset}"
+    return str(value)
+
+
+def _option(field: dataclasses.Field[Any], hint: Any) -> TyperOption:
+    """The option of a documented field of type ``hint``."""
+    meta = field.metadata
+    name = option_name(field.name)
+    shown = _shown(field)
+    decls, kind = [name], click.STRING
+    if hint is bool:
+        decls, kind = [f"{name}/--no-{name[2:]}"], click.BOOL
+    elif typing.get_origin(hint) is not tuple:
+        kind = _TYPES[next(a for a in (*typing.get_args(hint), hint) if a is not type(None))]
+    return TyperOption(
+        param_decls=[*decls, field.name],
+        type=kind,
+        default=None,
+        required=False,
+        multiple=hint == tuple[str, ...],
+        help=meta["help"] + (f" \\[default: {shown}]" if shown else ""),
+        metavar=meta["metavar"],
+        rich_help_panel=meta["panel"],
+    )
+
+
+def _parse(name: str, hint: Any, value: Any) -> Any:
+    """A list option's value as the field's tuple (``8,16``; ``a,b`` or repeated); other
+    values as given."""
+    if hint == tuple[int, ...]:
+        return parse_int_list(option_name(name), value)
+    if hint == tuple[str, ...]:
+        return tuple(part for item in value for part in item.split(",") if part)
+    return value

@@ -8,7 +8,7 @@ sanitizer, ledger row, payload file), uploads them, and waits while the public s
 its fold models; then it fits w and trains M_main. ``train_delta(..., overlap=True)`` (the
 CLI's default with ``--public``) prepares epoch e+1's release in a second thread while the
 server trains on epoch e. The two runs below use the same configuration, seeds and a fresh
-server process each (``python -m asymflow.transport.server``, TLS and a bearer token on
+server process each (``python -m asymflow public serve``, TLS and a bearer token on
 127.0.0.1, one torch thread), and must end with the same model and ledger (checked).
 
 Per run: the stage-2 wall time, the time the private side spent inside public calls

@@ -8,7 +8,7 @@ Measures, for two residual shapes (the digits demo, 32x16x16, and CIFAR's stem o
   bytes a TCP relay between client and server counts for Logits calls at batch 64
   (TLS records, HTTP/2 and gRPC framing included; the TLS handshake excluded);
 - inference latency (p50, p99) and throughput of Logits at batch 1 and 64, one client,
-  sequential calls, against a server process (``python -m asymflow.transport.server``);
+  sequential calls, against a server process (``python -m asymflow public serve``);
 - private-side compute per batch (M_bb, decomposition, M_main, sanitizer; the ledger write
   timed apart) against public-side compute (M_res as reported by the server).
 
@@ -123,7 +123,7 @@ class CountingRelay:
 def start_server(keys: KeyFiles) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     args = [
-        sys.executable, "-m", "asymflow.transport.server", "--listen", "127.0.0.1:0",
+        sys.executable, "-m", "asymflow", "public", "serve", "--listen", "127.0.0.1:0",
         "--token-file", str(keys.token), "--cert", str(keys.cert), "--key", str(keys.key),
         "--threads", "1", "--log-level", "WARNING",
     ]  # fmt: skip

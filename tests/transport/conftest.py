@@ -1,6 +1,6 @@
 """Shared fixtures of the transport tests: one torch thread, TLS keys, real server processes.
 
-A :class:`ServerProcess` runs ``python -m asymflow.transport.server`` on loopback, reads the
+A :class:`ServerProcess` runs ``python -m asymflow public serve`` on loopback, reads the
 port it prints, and keeps its log lines so that a test can act on them (e.g. SIGKILL the
 process when it starts a training call).
 """
@@ -42,21 +42,25 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> KeyFiles:
     return keygen(tmp_path_factory.mktemp("keys"))
 
 
+SERVE = ["-m", "asymflow", "public", "serve"]
+"""``python -m asymflow public serve``, the one way to start the public server."""
+
 WARM_START = (
     "import sys\n"
-    "import asymflow.transport.server as server\n"
+    "import asymflow.transport.server\n"
+    "from asymflow.cli import app\n"
     "print('warm', flush=True)\n"
     "sys.stdin.readline()\n"
-    "sys.exit(server.main(sys.argv[1:]))\n"
+    "app(['public', 'serve', *sys.argv[1:]], prog_name='asymflow')\n"
 )
-"""A spare server: imports everything, then waits for a line on stdin before ``main``."""
+"""A spare server: imports everything, then waits for a line on stdin before serving."""
 
 
 class ServerProcess:
     """A public server in its own process; ``on_line`` sees every log line it writes.
 
-    The process runs ``python -m asymflow.transport.server ARGS``; with ``warm=True`` it
-    imports the server and waits for :meth:`start` before calling the same ``main(ARGS)``
+    The process runs ``python -m asymflow public serve ARGS``; with ``warm=True`` it
+    imports the server and waits for :meth:`start` before running the same command
     (a warm spare that takes over a port within milliseconds of a kill). With
     ``wait=False`` the constructor returns at once; :meth:`ready` waits.
     """
@@ -72,7 +76,7 @@ class ServerProcess:
         env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
         self.lines: list[str] = []
         self.on_line = on_line
-        command = ["-c", WARM_START] if warm else ["-m", "asymflow.transport.server"]
+        command = ["-c", WARM_START] if warm else SERVE
         self.proc = subprocess.Popen(
             [sys.executable, *command, *args],
             stdin=subprocess.PIPE,
@@ -100,7 +104,7 @@ class ServerProcess:
         return self.address
 
     def start(self) -> str:
-        """Let a warm spare call ``main``; return the address it listens on."""
+        """Let a warm spare serve; return the address it listens on."""
         self.ready()
         assert self.proc.stdin is not None
         self.proc.stdin.write("go\n")

@@ -56,9 +56,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(keys: KeyFiles) -> Iterator[ServerProcess]:
-    """``python -m asymflow.transport.server`` with TLS, a token and a 1 MiB message limit.
+    """``asymflow public serve`` with TLS, a token and a 1 MiB message limit.
     Tests call ``server.ready()``: the process starts while the reference run trains."""
-    process = ServerProcess([*tls_args(keys), "--max-message-bytes", str(MAX_MESSAGE)], wait=False)
+    process = ServerProcess(
+        [*tls_args(keys), "--max-message-mb", str(MAX_MESSAGE >> 20)], wait=False
+    )
     yield process
     process.stop()
     assert process.proc.returncode == 0, "\n".join(process.lines[-20:])

@@ -19,31 +19,34 @@ from rich.table import Table
 from asymflow.accounting.best import DEFAULT_METHODS
 from asymflow.cli.common import (
     DATA_HINTS,
-    CliInputError,
     JsonOpt,
     check_choice,
     check_training_noise,
     emit_json,
     errors,
     fmt,
-    option_name,
     out_console,
 )
+from asymflow.cli.options import config_command, option_names, run_config
 
 if TYPE_CHECKING:
     from asymflow.dpsgd.runs import DpsgdConfig
 
-SAMPLING = "Sampling"
 NOISE = "Noise and partitioning"
-MODEL = "Data and model"
 RUN = "Run"
-
 SAMPLERS = ("balanced", "poisson")
 METHODS = {"rdp": ("rdp",), "pld": ("pld",), "best": DEFAULT_METHODS}
 
 
+def _config_class() -> type[DpsgdConfig]:
+    from asymflow.dpsgd.runs import DpsgdConfig
+
+    return DpsgdConfig
+
+
+@config_command(_config_class)
 def dpsgd_train(
-    ctx: typer.Context,
+    *,
     out: Annotated[
         Path,
         typer.Option(
@@ -62,130 +65,7 @@ def dpsgd_train(
             rich_help_panel=RUN,
         ),
     ] = False,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            metavar="SPEC",
-            help="digits, synthetic[:N], folder:PATH, cifar10:PATH or cifar100:PATH. "
-            "\\[default: digits]",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            metavar="[resnet20|resnet18|resnet34]",
-            help="Network (GroupNorm). \\[default: resnet20]",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    width: Annotated[
-        float | None,
-        typer.Option(help="Width multiplier, in (0, 16]. \\[default: 0.25]", rich_help_panel=MODEL),
-    ] = None,
-    sampler: Annotated[
-        str | None,
-        typer.Option(
-            metavar="[poisson|balanced|shuffle]",
-            help="balanced (BIS: each record in exactly k of T steps per pass) or poisson "
-            "(rate q); shuffle is refused (no certified ε). \\[default: balanced]",
-            rich_help_panel=SAMPLING,
-        ),
-    ] = None,
-    k: Annotated[
-        int | None,
-        typer.Option(
-            "--k",
-            help="Steps each record joins per pass, 1 <= k <= T (Poisson: q = k/T). \\[default: 1]",
-            rich_help_panel=SAMPLING,
-        ),
-    ] = None,
-    steps: Annotated[
-        int | None,
-        typer.Option(
-            help="Steps T per pass, >= k. \\[default: none: max(k, round(k N / batch size))]",
-            rich_help_panel=SAMPLING,
-        ),
-    ] = None,
-    q: Annotated[
-        float | None,
-        typer.Option(
-            "--q",
-            help="Poisson rate 0 < q <= 1 (--sampler poisson only). \\[default: none: k/T]",
-            rich_help_panel=SAMPLING,
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Expected batch size, used to choose T when --steps is not given. \\[default: 64]",
-            rich_help_panel=SAMPLING,
-        ),
-    ] = None,
-    epochs: Annotated[
-        int | None,
-        typer.Option(help="Passes over the data, >= 1. \\[default: 5]", rich_help_panel=SAMPLING),
-    ] = None,
-    sigma: Annotated[
-        float | None,
-        typer.Option(
-            help="Noise multiplier σ in (0, 1e6]. Give --sigma or --target-epsilon.",
-            rich_help_panel=NOISE,
-        ),
-    ] = None,
-    target_epsilon: Annotated[
-        float | None,
-        typer.Option(
-            help="Calibrate σ so that the certified ε of all epochs is at most this, in "
-            "(0, 1e4]. Give --sigma or --target-epsilon.",
-            rich_help_panel=NOISE,
-        ),
-    ] = None,
-    delta: Annotated[
-        float | None,
-        typer.Option(help="Target δ, 0 < δ < 1. \\[default: 1e-05]", rich_help_panel=NOISE),
-    ] = None,
-    clip: Annotated[
-        float | None,
-        typer.Option(
-            help="Per-sample clip norm C (of the split part with --shared), in (0, 1e6]. "
-            "\\[default: 1.0]",
-            rich_help_panel=NOISE,
-        ),
-    ] = None,
-    shared_clip: Annotated[
-        float | None,
-        typer.Option(
-            help="Clip norm of the --shared part, in (0, 1e6]. \\[default: none: --clip]",
-            rich_help_panel=NOISE,
-        ),
-    ] = None,
-    partition: Annotated[
-        str | None,
-        typer.Option(
-            metavar="[none|split:d|dropout:0.5]",
-            help="Each record updates one of d parameter blocks per step (split:d, d >= 2), or "
-            "a random half of the coordinates (dropout:0.5). \\[default: none]",
-            rich_help_panel=NOISE,
-        ),
-    ] = None,
-    shared: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="PREFIX",
-            help="Parameter-name prefix that every record updates (partial splitting); "
-            "repeat or comma-separate. Needs --partition split:d or dropout:0.5.",
-            rich_help_panel=NOISE,
-        ),
-    ] = None,
-    partition_unit: Annotated[
-        str | None,
-        typer.Option(
-            metavar="[layer|tensor]",
-            help="Blocks are made of whole layers or whole tensors. \\[default: layer]",
-            rich_help_panel=NOISE,
-        ),
-    ] = None,
+    given: dict[str, Any],
     method: Annotated[
         str | None,
         typer.Option(
@@ -193,53 +73,6 @@ def dpsgd_train(
             help="Certified accountant(s): best is the smaller of rdp and pld. \\[default: best]",
             rich_help_panel=NOISE,
         ),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(help="Learning rate, in (0, 100]. \\[default: 0.5]", rich_help_panel=MODEL),
-    ] = None,
-    momentum: Annotated[
-        float | None,
-        typer.Option(help="SGD momentum, in [0, 0.999]. \\[default: 0.0]", rich_help_panel=MODEL),
-    ] = None,
-    weight_decay: Annotated[
-        float | None,
-        typer.Option(help="Weight decay, in [0, 1]. \\[default: 0.0]", rich_help_panel=MODEL),
-    ] = None,
-    augment: Annotated[
-        bool | None,
-        typer.Option(
-            "--augment/--no-augment",
-            help="Random crops of the training images. \\[default: off]",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(
-            help="Seed of the initialization and augmentation, >= 0. \\[default: 0]",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    sampler_seed: Annotated[
-        int | None,
-        typer.Option(
-            help="Seed of the batch sampler, for reproducible tests only. "
-            "\\[default: none: the OS's secure source]",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    noise_seed: Annotated[
-        int | None,
-        typer.Option(
-            help="Seed of the gradient noise, for reproducible tests only. "
-            "\\[default: none: the OS's secure source]",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(help="torch threads, >= 1. \\[default: 1]", rich_help_panel=RUN),
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -249,19 +82,16 @@ def dpsgd_train(
     Example: asymflow dpsgd train --sampler balanced --k 5 --epochs 5 --target-epsilon 8
     --out runs/dpsgd
     """
-    given: dict[str, Any] = {
-        name: value
-        for name, value in ctx.params.items()
-        if value is not None and name not in ("out", "resume", "json_out", "method")
-    }
-    with errors(_options(), DATA_HINTS):
+    options = option_names(_config_class(), run_dir="--out", methods="--method")
+    with errors(options, DATA_HINTS):
         if method is not None:
-            given["methods"] = METHODS[check_choice("--method", method, tuple(METHODS))]
-        if shared is not None:
-            given["shared"] = tuple(p for item in shared for p in item.split(",") if p)
-        config = _train_config(given, out, resume)
+            given = {**given, "methods": METHODS[check_choice("--method", method, tuple(METHODS))]}
+        from asymflow.dpsgd.runs import read_config
         from asymflow.dpsgd.train import train_dpsgd
 
+        config = run_config(
+            out, resume, given, new=lambda: _new_config(given), read=read_config, options=options
+        )
         result = train_dpsgd(config, out, progress=True, resume=resume).to_dict()
     if json_out:
         emit_json(result)
@@ -272,46 +102,15 @@ def dpsgd_train(
     )
 
 
-def _train_config(given: dict[str, Any], out: Path, resume: bool) -> DpsgdConfig:
-    """The run's config: the options over the defaults for a new run; with --resume the run's
-    own config.json, which the options given must match."""
-    from asymflow.dpsgd.runs import CONFIG_FILE, DpsgdConfig, read_config
-
-    if not (out / CONFIG_FILE).is_file():
-        check_training_noise(
-            given,
-            SAMPLERS,
-            " for DP-SGD (Chua et al. 2024); use --sampler balanced --k 1 for the same batch "
-            "structure with a certified bound",
-        )
-        return DpsgdConfig(**given)
-    if not resume:
-        raise CliInputError(
-            f"--out already holds a run ({out}); pass --resume to continue it, or choose a new "
-            "directory"
-        )
-    stored = read_config(out)
-    options = _options()
-    differ = [
-        f"{options[name]} (run: {getattr(stored, name)}, given: {value})"
-        for name, value in given.items()
-        if getattr(stored, name) != value
-    ]
-    if differ:
-        raise CliInputError(
-            "--resume continues a run with the settings in its config.json; these options "
-            f"differ: {', '.join(differ)}"
-        )
-    return stored
-
-
-def _options() -> dict[str, str]:
-    """Config field -> option, for error messages."""
-    from asymflow.dpsgd.runs import DpsgdConfig
-
-    options = {name: option_name(name) for name in DpsgdConfig.__dataclass_fields__}
-    options.update(run_dir="--out", methods="--method")
-    return options
+def _new_config(given: dict[str, Any]) -> DpsgdConfig:
+    """A new run's config; shuffled batches and a missing or doubled noise setting refused."""
+    check_training_noise(
+        given,
+        SAMPLERS,
+        " for DP-SGD (Chua et al. 2024); use --sampler balanced --k 1 for the same batch "
+        "structure with a certified bound",
+    )
+    return _config_class()(**given)
 
 
 def _print_result(data: str, model: str, sampler: str, k: int, result: dict[str, Any]) -> None:

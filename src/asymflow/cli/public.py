@@ -82,6 +82,8 @@ SERVE_OPTIONS = {
     "state_dir": "--state-dir",
     "max_message_bytes": "--max-message-mb",
     "max_concurrent_rpcs": "--max-concurrent",
+    "max_sessions": "--max-sessions",
+    "max_held_bytes": "--max-held-mb",
     "workers": "--workers",
     "threads": "--threads",
     "nproc_per_node": "--nproc-per-node",
@@ -218,6 +220,15 @@ def public_serve(
         int,
         typer.Option(metavar="N", help="Calls running or waiting at once; more are refused, >= 1."),
     ] = 16,
+    max_sessions: Annotated[
+        int,
+        typer.Option(
+            metavar="N", help="Private sides served at once; the least recently used goes, >= 1."
+        ),
+    ] = 4,
+    max_held_mb: Annotated[
+        int, typer.Option(metavar="N", help="Uploads held in memory over all sessions, in MiB.")
+    ] = 4096,
     workers: Annotated[int, typer.Option(help="Threads answering calls, >= 1.")] = 4,
     threads: Annotated[int, typer.Option(help="torch threads, >= 1.")] = 1,
     nproc_per_node: Annotated[
@@ -248,6 +259,8 @@ def public_serve(
                 f"got {max_message_mb}"
             )
         check_min_int("--max-concurrent", max_concurrent, 1)
+        check_min_int("--max-sessions", max_sessions, 1)
+        check_min_int("--max-held-mb", max_held_mb, 0)
         check_min_int("--workers", workers, 1)
         check_min_int("--threads", threads, 1)
         check_min_int("--nproc-per-node", nproc_per_node, 1)
@@ -275,6 +288,8 @@ def public_serve(
                     state_dir=state_dir,
                     max_message_bytes=max_message_mb << 20,
                     max_concurrent_rpcs=max_concurrent,
+                    max_sessions=max_sessions,
+                    max_held_bytes=max_held_mb << 20,
                     workers=workers,
                     threads=threads,
                     nproc_per_node=nproc_per_node,

@@ -39,6 +39,7 @@ from asymflow.runfiles import (
     write_metrics,
 )
 from asymflow.runfiles import read_config as _read_config
+from asymflow.settings import setting
 
 __all__ = [
     "CONFIG_FILE",
@@ -64,6 +65,12 @@ MODELS: tuple[str, ...] = ("resnet20", "resnet18", "resnet34")
 NORMS: tuple[str, ...] = ("group", "batch")
 _CKPT_NAME = re.compile(r"epoch(\d+)\.pt")
 
+# Help panels of the fields' command-line options (asymflow dpsgd train).
+_SAMPLING = "Sampling"
+_NOISE = "Noise and partitioning"
+_MODEL = "Data and model"
+_RUN = "Run"
+
 
 @dataclass(frozen=True)
 class DpsgdConfig:
@@ -82,34 +89,88 @@ class DpsgdConfig:
     stay secret for the guarantee to hold.
     """
 
-    data: str = "digits"
-    model: str = "resnet20"
-    width: float = 0.25
+    data: str = setting(
+        "digits",
+        "digits, synthetic[:N], folder:PATH, cifar10:PATH or cifar100:PATH.",
+        _MODEL,
+        metavar="SPEC",
+    )
+    model: str = setting("resnet20", "Network (GroupNorm).", _MODEL, choices=MODELS)
+    width: float = setting(0.25, "Width multiplier, in (0, 16].", _MODEL)
     norm: str = "group"
-    sampler: str = "balanced"
-    k: int = 1
-    steps: int | None = None
-    batch_size: int = 64
-    q: float | None = None
-    epochs: int = 5
-    sigma: float | None = None
-    target_epsilon: float | None = None
-    delta: float = 1e-5
-    clip: float = 1.0
-    shared_clip: float | None = None
-    partition: str = "none"
-    shared: tuple[str, ...] = ()
-    partition_unit: str = "layer"
-    lr: float = 0.5
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    augment: bool = False
+    sampler: str = setting(
+        "balanced",
+        "balanced (BIS: each record in exactly k of T steps per pass) or poisson (rate q); "
+        "shuffle is refused (no certified ε).",
+        _SAMPLING,
+        choices=SAMPLERS,
+    )
+    k: int = setting(
+        1, "Steps each record joins per pass, 1 <= k <= T (Poisson: q = k/T).", _SAMPLING
+    )
+    steps: int | None = setting(
+        None, "Steps T per pass, >= k.", _SAMPLING, unset="max(k, round(k N / batch size))"
+    )
+    batch_size: int = setting(
+        64, "Expected batch size, used to choose T when --steps is not given.", _SAMPLING
+    )
+    q: float | None = setting(
+        None, "Poisson rate 0 < q <= 1 (--sampler poisson only).", _SAMPLING, unset="k/T"
+    )
+    epochs: int = setting(5, "Passes over the data, >= 1.", _SAMPLING)
+    sigma: float | None = setting(
+        None, "Noise multiplier σ in (0, 1e6]. Give --sigma or --target-epsilon.", _NOISE
+    )
+    target_epsilon: float | None = setting(
+        None,
+        "Calibrate σ so that the certified ε of all epochs is at most this, in (0, 1e4]. Give "
+        "--sigma or --target-epsilon.",
+        _NOISE,
+    )
+    delta: float = setting(1e-5, "Target δ, 0 < δ < 1.", _NOISE)
+    clip: float = setting(
+        1.0, "Per-sample clip norm C (of the split part with --shared), in (0, 1e6].", _NOISE
+    )
+    shared_clip: float | None = setting(
+        None, "Clip norm of the --shared part, in (0, 1e6].", _NOISE, unset="--clip"
+    )
+    partition: str = setting(
+        "none",
+        "Each record updates one of d parameter blocks per step (split:d, d >= 2), or a random "
+        "half of the coordinates (dropout:0.5).",
+        _NOISE,
+        metavar="[none|split:d|dropout:0.5]",
+    )
+    shared: tuple[str, ...] = setting(
+        (),
+        "Parameter-name prefix that every record updates (partial splitting); repeat or "
+        "comma-separate. Needs --partition split:d or dropout:0.5.",
+        _NOISE,
+        metavar="PREFIX",
+    )
+    partition_unit: str = setting(
+        "layer", "Blocks are made of whole layers or whole tensors.", _NOISE, choices=UNITS
+    )
+    lr: float = setting(0.5, "Learning rate, in (0, 100].", _MODEL)
+    momentum: float = setting(0.0, "SGD momentum, in [0, 0.999].", _MODEL)
+    weight_decay: float = setting(0.0, "Weight decay, in [0, 1].", _MODEL)
+    augment: bool = setting(False, "Random crops of the training images.", _MODEL)
     eval_batch_size: int = 256
-    seed: int = 0
-    sampler_seed: int | None = None
-    noise_seed: int | None = None
+    seed: int = setting(0, "Seed of the initialization and augmentation, >= 0.", _RUN)
+    sampler_seed: int | None = setting(
+        None,
+        "Seed of the batch sampler, for reproducible tests only.",
+        _RUN,
+        unset="the OS's secure source",
+    )
+    noise_seed: int | None = setting(
+        None,
+        "Seed of the gradient noise, for reproducible tests only.",
+        _RUN,
+        unset="the OS's secure source",
+    )
     methods: tuple[str, ...] = DEFAULT_METHODS
-    threads: int = 1
+    threads: int = setting(1, "torch threads, >= 1.", _RUN)
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str) or not self.data:

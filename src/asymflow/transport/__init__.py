@@ -24,8 +24,7 @@ _SERVER_NAMES = ("PublicServer", "PublicService", "serve")
 
 
 def __getattr__(name: str) -> Any:
-    """The server's names, imported on first use: ``python -m asymflow.transport.server``
-    must find the server module not yet imported by its package."""
+    """The server's names, imported on first use (the client side does not need them)."""
     if name in _SERVER_NAMES:
         from asymflow.transport import server
 

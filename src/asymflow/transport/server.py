@@ -25,27 +25,23 @@ stored reply instead of running again. The server is stateless apart from its mo
 every change, so a restarted server resumes where the last completed request left it.
 Uploaded data sets are held in memory only: the private side uploads them again.
 
-Run it as ``python -m asymflow.transport.server --listen 127.0.0.1:7070 --token-file F
---cert C --key K`` (see :func:`main`).
+Start it with ``asymflow public serve --listen 127.0.0.1:7070 --token-file F --cert C --key K``
+(:mod:`asymflow.cli.public`).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import logging
 import os
-import signal
-import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, ClassVar
 
 import grpc
@@ -929,88 +925,6 @@ def serve(
     return PublicServer(server, service, host, bound)
 
 
-# ------------------------------------------------------------------------- process entry
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``python -m asymflow.transport.server`` (and ``asymflow public serve``)."""
-    p = argparse.ArgumentParser(
-        prog="asymflow public serve", description="Serve Delta's public side over gRPC."
-    )
-    p.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT (port 0: any free port)")
-    p.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token")
-    p.add_argument("--cert", type=Path, default=None, help="TLS certificate (PEM)")
-    p.add_argument("--key", type=Path, default=None, help="TLS private key (PEM)")
-    p.add_argument(
-        "--insecure-local",
-        action="store_true",
-        help="allow no token and no TLS, on a loopback address only",
-    )
-    p.add_argument("--state-dir", type=Path, default=None, help="persist models here")
-    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
-    p.add_argument("--max-concurrent-rpcs", type=int, default=DEFAULT_MAX_CONCURRENT_RPCS)
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
-    p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS)
-    p.add_argument("--max-held-bytes", type=int, default=DEFAULT_MAX_HELD_BYTES)
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument(
-        "--nproc-per-node", type=int, default=1, help="train with DDP over N processes (torchrun)"
-    )
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Start the server from parsed arguments, print ``listening on HOST:PORT`` on stdout and
-    serve until SIGTERM or SIGINT."""
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    server = serve(
-        args.listen,
-        args.token_file,
-        args.cert,
-        args.key,
-        args.insecure_local,
-        state_dir=args.state_dir,
-        max_message_bytes=args.max_message_bytes,
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
-        workers=args.workers,
-        max_sessions=args.max_sessions,
-        max_held_bytes=args.max_held_bytes,
-        threads=args.threads,
-        nproc_per_node=args.nproc_per_node,
-    )
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    print(f"asymflow public server listening on {server.address}", flush=True)
-    while not stop.wait(0.5):
-        pass
-    server.stop(grace=5.0)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m asymflow.transport.server ...``: see :func:`build_parser`."""
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError) as err:
-        print(f"asymflow public serve: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 __all__ = [
     "METHODS",
     "MISSING_KEY",
@@ -1018,7 +932,5 @@ __all__ = [
     "PublicServer",
     "PublicService",
     "RefusedError",
-    "build_parser",
-    "main",
     "serve",
 ]

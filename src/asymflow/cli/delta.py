@@ -34,7 +34,14 @@ from asymflow.cli.common import (
     fmt,
     out_console,
 )
-from asymflow.cli.options import config_command, option_names, run_config
+from asymflow.cli.options import (
+    OutOpt,
+    ResumeOpt,
+    config_class,
+    config_command,
+    option_names,
+    run_config,
+)
 from asymflow.cli.public import (
     CaCertOpt,
     InsecureOpt,
@@ -56,33 +63,15 @@ RUN = "Run"
 # ------------------------------------------------------------------------------------ train
 
 
-def _config_class() -> type[DeltaConfig]:
-    from asymflow.delta.runs import DeltaConfig
-
-    return DeltaConfig
+CONFIG = "asymflow.delta.runs:DeltaConfig"
+"""The configuration whose fields are options."""
 
 
-@config_command(_config_class)
+@config_command(CONFIG)
 def delta_train(
     *,
-    out: Annotated[
-        Path,
-        typer.Option(
-            metavar="RUN_DIR",
-            help="Run directory to create (config.json, metrics.jsonl, ledger.sqlite, "
-            "checkpoints, result.json). Required.",
-            rich_help_panel=RUN,
-        ),
-    ],
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Continue the run in --out from its latest checkpoint (or start it). Options "
-            "left out are read from its config.json; options given must match it.",
-            rich_help_panel=RUN,
-        ),
-    ] = False,
+    out: OutOpt,
+    resume: ResumeOpt = False,
     given: dict[str, Any],
     public_server: PublicOpt = None,
     token_file: TokenFileOpt = None,
@@ -108,7 +97,7 @@ def delta_train(
         f"continue the run from its last checkpoint with 'asymflow delta train --out {out} "
         f"--resume --public {public_server} ...'"
     )
-    options = option_names(_config_class(), run_dir="--out")
+    options = option_names(config_class(CONFIG), run_dir="--out")
     with errors(options, DATA_HINTS), remote_errors(public_server, lost):
         check_client_options(public_server, token_file, ca_cert, insecure)
         from asymflow.delta.runs import read_config
@@ -153,9 +142,10 @@ def delta_train(
 def _new_config(given: Mapping[str, Any]) -> DeltaConfig:
     """A new run's config, its data spec (and t | image size) checked before the run directory
     is made."""
+    from asymflow.delta.runs import DeltaConfig
     from asymflow.delta.train import load_run_data
 
-    config = _config_class()(**given)
+    config = DeltaConfig(**given)
     load_run_data(config)
     return config
 

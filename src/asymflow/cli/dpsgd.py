@@ -10,7 +10,6 @@ certified ε (Chua et al., ICML 2024). Partitioning: Dong, Chen, Ozgur, ICML 202
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -27,44 +26,32 @@ from asymflow.cli.common import (
     fmt,
     out_console,
 )
-from asymflow.cli.options import config_command, option_names, run_config
+from asymflow.cli.options import (
+    OutOpt,
+    ResumeOpt,
+    config_class,
+    config_command,
+    option_names,
+    run_config,
+)
 
 if TYPE_CHECKING:
     from asymflow.dpsgd.runs import DpsgdConfig
 
 NOISE = "Noise and partitioning"
-RUN = "Run"
 SAMPLERS = ("balanced", "poisson")
 METHODS = {"rdp": ("rdp",), "pld": ("pld",), "best": DEFAULT_METHODS}
 
 
-def _config_class() -> type[DpsgdConfig]:
-    from asymflow.dpsgd.runs import DpsgdConfig
-
-    return DpsgdConfig
+CONFIG = "asymflow.dpsgd.runs:DpsgdConfig"
+"""The configuration whose fields are options."""
 
 
-@config_command(_config_class)
+@config_command(CONFIG)
 def dpsgd_train(
     *,
-    out: Annotated[
-        Path,
-        typer.Option(
-            metavar="RUN_DIR",
-            help="New run directory (config.json, metrics.jsonl, ledger.sqlite, checkpoints, "
-            "result.json), or the run to continue with --resume. Required.",
-            rich_help_panel=RUN,
-        ),
-    ],
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Continue the run in --out from its latest checkpoint (or start it). Options "
-            "left out are read from its config.json; options given must match it.",
-            rich_help_panel=RUN,
-        ),
-    ] = False,
+    out: OutOpt,
+    resume: ResumeOpt = False,
     given: dict[str, Any],
     method: Annotated[
         str | None,
@@ -82,7 +69,7 @@ def dpsgd_train(
     Example: asymflow dpsgd train --sampler balanced --k 5 --epochs 5 --target-epsilon 8
     --out runs/dpsgd
     """
-    options = option_names(_config_class(), run_dir="--out", methods="--method")
+    options = option_names(config_class(CONFIG), run_dir="--out", methods="--method")
     with errors(options, DATA_HINTS):
         if method is not None:
             given = {**given, "methods": METHODS[check_choice("--method", method, tuple(METHODS))]}
@@ -110,7 +97,9 @@ def _new_config(given: dict[str, Any]) -> DpsgdConfig:
         " for DP-SGD (Chua et al. 2024); use --sampler balanced --k 1 for the same batch "
         "structure with a certified bound",
     )
-    return _config_class()(**given)
+    from asymflow.dpsgd.runs import DpsgdConfig
+
+    return DpsgdConfig(**given)
 
 
 def _print_result(data: str, model: str, sampler: str, k: int, result: dict[str, Any]) -> None:

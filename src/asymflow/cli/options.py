@@ -12,29 +12,66 @@ config modules import torch, which the other commands start without.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import click
+import typer
 from typer.core import TyperCommand, TyperOption
 
 from asymflow.cli.common import CliInputError, errors, option_name, parse_int_list
 
-__all__ = ["ConfigCommand", "config_command", "option_names", "run_config"]
+__all__ = [
+    "ConfigCommand",
+    "OutOpt",
+    "ResumeOpt",
+    "config_class",
+    "config_command",
+    "option_names",
+    "run_config",
+]
 
 T = TypeVar("T")
 Command = Callable[..., None]
 _SPEC = "asymflow_config_options"
 _TYPES: dict[Any, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
+OutOpt = Annotated[
+    Path,
+    typer.Option(
+        "--out",
+        metavar="RUN_DIR",
+        help="New run directory (config.json, metrics.jsonl, ledger.sqlite, checkpoints, "
+        "result.json), or the run to continue with --resume. Required.",
+        rich_help_panel="Run",
+    ),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the run in --out from its latest checkpoint (or start it). Options left "
+        "out are read from its config.json; options given must match it.",
+        rich_help_panel="Run",
+    ),
+]
 
-def config_command(load: Callable[[], type]) -> Callable[[Command], Command]:
+
+def config_class(path: str) -> type:
+    """The config class at ``"module:Name"``, imported when first needed."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def config_command(path: str) -> Callable[[Command], Command]:
     """Make ``command(*, ..., given, ...)`` a command whose options, in the place of its
-    keyword ``given``, are the documented fields of the config class ``load()`` returns;
-    ``given`` receives the fields set. Register it with ``cls=ConfigCommand``."""
+    keyword ``given``, are the documented fields of the config class at ``path``
+    (:func:`config_class`); ``given`` receives the fields set. Register it with
+    ``cls=ConfigCommand``."""
 
     def decorate(command: Command) -> Command:
         own = list(inspect.signature(command, eval_str=True).parameters.values())
@@ -44,7 +81,7 @@ def config_command(load: Callable[[], type]) -> Callable[[Command], Command]:
             with errors():
                 given = {
                     f.name: _parse(f.name, hint, value)
-                    for f, hint in _documented(load())
+                    for f, hint in _documented(config_class(path))
                     if (value := options.pop(f.name)) not in (None, ())
                 }
             command(given=given, **options)
@@ -52,7 +89,7 @@ def config_command(load: Callable[[], type]) -> Callable[[Command], Command]:
         run.__signature__ = inspect.Signature(own[:at] + own[at + 1 :])  # type: ignore[attr-defined]
         for name in ("__name__", "__qualname__", "__doc__", "__module__"):
             setattr(run, name, getattr(command, name))
-        vars(run)[_SPEC] = (load, at)
+        vars(run)[_SPEC] = (path, at)
         return run
 
     return decorate
@@ -70,8 +107,8 @@ class ConfigCommand(TyperCommand):
     @property  # type: ignore[override]
     def params(self) -> list[click.Parameter]:
         if self._all is None:
-            load, at = vars(self.callback)[_SPEC]
-            made = [_option(f, hint) for f, hint in _documented(load())]
+            path, at = vars(self.callback)[_SPEC]
+            made = [_option(f, hint) for f, hint in _documented(config_class(path))]
             self._all = self._own[:at] + made + self._own[at:]
         return self._all
 

@@ -35,12 +35,19 @@ from asymflow.runfiles import (
     config_from_dict,
     config_to_dict,
 )
+from asymflow.settings import setting
 
 __all__ = ["MODELS", "SAMPLERS", "SPLITS", "FederatedConfig"]
 
 SAMPLERS: tuple[str, ...] = ("poisson", "balanced")
 SPLITS: tuple[str, ...] = ("iid", "dirichlet")
 MODELS: tuple[str, ...] = ("resnet20", "resnet18", "resnet34")
+
+# Help panels of the fields' command-line options (asymflow fl run|app).
+_SAMPLING = "Client sampling"
+_NOISE = "Noise and subnetwork"
+_MODEL = "Data, model and local training"
+_RUN = "Run"
 
 _OPTIONAL_INT = ("sampler_seed", "noise_seed")
 _OPTIONAL_FLOAT = ("q", "sigma", "target_epsilon")
@@ -67,35 +74,78 @@ class FederatedConfig:
     - ``parallelism``: clients trained at once by the simulation engine (Ray CPUs).
     """
 
-    data: str = "digits"
-    model: str = "resnet20"
-    width: float = 0.25
-    clients: int = 10
-    rounds: int = 20
-    sampler: str = "poisson"
-    k: int = 2
-    period: int = 5
-    q: float | None = None
-    subnetwork: str = "none"
+    data: str = setting(
+        "digits",
+        "digits, synthetic[:N], folder:PATH, cifar10:PATH or cifar100:PATH.",
+        _MODEL,
+        metavar="SPEC",
+    )
+    model: str = setting("resnet20", "Network (GroupNorm).", _MODEL, choices=MODELS)
+    width: float = setting(0.25, "Width multiplier, in (0, 16].", _MODEL)
+    clients: int = setting(10, "Number of clients N, >= 1.", _SAMPLING)
+    rounds: int = setting(20, "Rounds R, >= 1.", _SAMPLING)
+    sampler: str = setting(
+        "poisson",
+        "poisson (each client joins a round with probability q) or balanced (each client in "
+        "exactly k of every T = --period rounds).",
+        _SAMPLING,
+        choices=SAMPLERS,
+    )
+    k: int = setting(2, "Rounds each client joins per period, 1 <= k <= T.", _SAMPLING)
+    period: int = setting(5, "Period T in rounds, >= k.", _SAMPLING)
+    q: float | None = setting(
+        None, "Poisson rate 0 < q <= 1 (--sampler poisson only).", _SAMPLING, unset="k/T"
+    )
+    subnetwork: str = setting(
+        "none",
+        "Each sampled client trains one random block of d disjoint parameter blocks (split:d, "
+        "d >= 2).",
+        _NOISE,
+        metavar="[none|split:d]",
+    )
     partition_unit: str = "layer"
-    sigma: float | None = None
-    target_epsilon: float | None = None
-    delta: float = 1e-5
-    clip: float = 1.0
-    server_lr: float = 1.0
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.1
+    sigma: float | None = setting(
+        None, "Noise multiplier σ in (0, 1e6]. Give --sigma or --target-epsilon.", _NOISE
+    )
+    target_epsilon: float | None = setting(
+        None,
+        "Calibrate σ so that the client-level ε of all rounds is at most this, in (0, 1e4]. "
+        "Give --sigma or --target-epsilon.",
+        _NOISE,
+    )
+    delta: float = setting(1e-5, "Target δ, 0 < δ < 1.", _NOISE)
+    clip: float = setting(1.0, "Clip norm C of each client update, in (0, 1e6].", _NOISE)
+    server_lr: float = setting(1.0, "Server learning rate, in (0, 100].", _MODEL)
+    local_epochs: int = setting(1, "Local epochs per round, >= 1.", _MODEL)
+    batch_size: int = setting(32, "Local batch size, >= 1.", _MODEL)
+    lr: float = setting(0.1, "Local learning rate, in (0, 100].", _MODEL)
     momentum: float = 0.0
-    split: str = "iid"
-    alpha: float = 0.5
-    seed: int = 0
-    sampler_seed: int | None = None
-    noise_seed: int | None = None
+    split: str = setting(
+        "iid",
+        "How the data is split among clients: iid or dirichlet (Dir(--alpha) class proportions).",
+        _MODEL,
+        choices=SPLITS,
+    )
+    alpha: float = setting(0.5, "Dirichlet α, in (0, 1e6].", _MODEL)
+    seed: int = setting(0, "Seed of the initialization and data split, >= 0.", _RUN)
+    sampler_seed: int | None = setting(
+        None,
+        "Seed of the client sampling and blocks, >= 0; fixed only for tests and exact replays: "
+        "the guarantee needs it secret.",
+        _RUN,
+        unset="drawn from the OS",
+    )
+    noise_seed: int | None = setting(
+        None,
+        "Seed of the server's noise, >= 0; fixed only for tests and exact replays: the "
+        "guarantee needs it secret.",
+        _RUN,
+        unset="drawn from the OS",
+    )
     methods: tuple[str, ...] = DEFAULT_METHODS
     eval_batch_size: int = 256
-    threads: int = 1
-    parallelism: int = 1
+    threads: int = setting(1, "torch threads per client, >= 1.", _RUN)
+    parallelism: int = setting(1, "Clients trained at once (simulation), >= 1.", _RUN)
     round_timeout: float = 3600.0
 
     def __post_init__(self) -> None:

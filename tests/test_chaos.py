@@ -7,9 +7,13 @@ over-counts by exactly the work the kills cut (rows written, not checkpointed), 
 - ``fl run``: the whole simulation (command, Ray and its actors) killed once after a random
   delay, resumed in-process through the real ServerApp and ClientApp (DirectGrid), which
   spares a second Ray start-up (tests/cli/test_fl_resume.py resumes through Ray).
+- ``public serve``: the server (TLS, token, ``--state-dir``) killed twice at random points of
+  a ``delta train --public`` session and restarted on the same address and state directory;
+  the client process lives on, retries with the same request ids and must end as an
+  uninterrupted in-process run, with its ledger unchanged (no release repeated). The load
+  bench is ``bench/public_load.py``.
 
-The uninterrupted reference runs in-process. Not covered here: ``public serve`` (issue 13,
-item 3's load bench).
+The uninterrupted reference runs in-process.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,13 +34,14 @@ import torch
 
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.delta import runs as delta_runs
-from asymflow.delta.train import train_delta
+from asymflow.delta.train import read_result, train_delta
 from asymflow.dpsgd import runs as dpsgd_runs
 from asymflow.dpsgd.train import train_dpsgd
 from asymflow.federated import runs as fl_runs
 from asymflow.federated.client_app import app as client_app
 from asymflow.federated.server_app import serve
 from asymflow.runfiles import read_metrics
+from asymflow.transport.auth import KeyFiles, keygen
 from tests.cli.helpers import subprocess_env
 from tests.federated.direct import DirectGrid, set_task_identity
 
@@ -162,3 +169,88 @@ def test_fl_run_killed_at_a_random_time_ends_as_an_uninterrupted_run(
     assert [m["test_acc"] for m in resumed.metrics] == [m["test_acc"] for m in whole.metrics]
     assert Counter(ledger_rows(run)) == Counter(ledger_rows(tmp_path / "whole")) + cut
     assert resumed.epsilon >= whole.epsilon
+
+
+class PublicServe:
+    """``asymflow public serve`` (TLS, token, ``--state-dir``) on ``address``; ``trains``
+    counts the Train calls it has started, over every process it ran."""
+
+    def __init__(self, keys: KeyFiles, address: str, state: Path) -> None:
+        self.command = [
+            *(sys.executable, "-m", "asymflow", "public", "serve", "--listen", address),
+            *("--token-file", str(keys.token), "--cert", str(keys.cert), "--key", str(keys.key)),
+            *("--state-dir", str(state)),
+        ]
+        self.trains = 0
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        """Start a server process and wait until it listens."""
+        env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
+        self.proc = proc = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+        assert proc.stdout is not None
+        assert "listening on" in proc.stdout.readline(), "\n".join(self.lines[-20:])
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.lines.append(line)
+            self.trains += "rpc=Train phase=start" in line
+
+    def kill(self) -> None:
+        """SIGKILL the running server and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(timeout=30)
+
+
+def test_public_serve_killed_twice_during_a_session_the_client_ends_as_uninterrupted(
+    tmp_path: Path,
+) -> None:
+    keys = keygen(tmp_path / "keys")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    server = PublicServe(keys, address, tmp_path / "state")
+    run = tmp_path / "run"
+    rng = random.Random(44)
+    client = None
+    try:
+        server.start()
+        client = start(
+            DELTA,
+            run,
+            *("--public", address, "--token-file", str(keys.token), "--ca-cert", str(keys.cert)),
+        )
+        # Six Train calls in the session (3 epochs, 2 cross-fitted models); kill at a random
+        # moment after a random one of the first five has started, twice.
+        first = rng.randint(1, 3)
+        for trains in (first, rng.randint(first + 1, 5)):
+            deadline = time.monotonic() + 180
+            while server.trains < trains:
+                assert client.poll() is None, "the client ended before the kill"
+                assert time.monotonic() < deadline, "the session did not reach the kill point"
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))
+            assert client.poll() is None, "the client ended before the kill"
+            server.kill()
+            server.start()
+        assert client.wait(timeout=300) == 0
+    finally:
+        if client is not None and client.poll() is None:
+            os.killpg(client.pid, signal.SIGKILL)
+            client.wait(timeout=30)
+        server.kill()
+    assert sum("restored session" in line for line in server.lines) == 2
+    whole = train_delta(delta_runs.read_config(run), tmp_path / "whole", progress=False)
+    result = read_result(run)
+    assert result["accuracy"] == whole.accuracy
+    assert result["final"] == whole.to_dict()["final"]
+    # The client never died: every release was recorded once, and a retried call sent the
+    # same recorded bytes again.
+    assert Counter(ledger_rows(run)) == Counter(ledger_rows(tmp_path / "whole"))

@@ -21,8 +21,8 @@ from asymflow.accounting.events import (
     RandomizedResponse,
     SelfComposed,
 )
+from asymflow.delta.contract import WIRE_VERSION, SanitizedResidual
 from asymflow.delta.labels import NoisyLabelGradients, NoisyLabels
-from asymflow.delta.sanitize import WIRE_VERSION, SanitizedResidual
 from asymflow.transport import wire
 from asymflow.transport.spec import PublicSpec
 

@@ -13,14 +13,16 @@ compose to one of multiplier sigma / sqrt(R).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional
 
+from asymflow.delta.contract import StepwisePublicSide, TrainArgs
 from asymflow.delta.labels import noisy_label_gradients
 from asymflow.delta.private import calibrated_sigma
-from asymflow.delta.public import DEFAULT_MODEL, StepwisePublicSide, checked_rows, cosine_lr
+from asymflow.delta.public import cosine_lr
 
 
 def check_stepwise(public: object) -> StepwisePublicSide:
@@ -55,33 +57,27 @@ def train_on_label_gradients(
     *,
     sigma: float,
     noise: torch.Generator,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    start_epoch: int = 0,
-    total_epochs: int | None = None,
-    model: str = DEFAULT_MODEL,
-    indices: np.ndarray | None = None,
+    **options: Any,
 ) -> dict[str, float]:
-    """Train public model ``model`` for ``epochs`` epochs over rows ``indices`` (default all)
-    with a cosine learning rate, answering each of its batches with noisy label gradients
-    drawn from ``noise``. The caller records the releases in the ledger first.
+    """Train a public model as :class:`TrainArgs` (``options``) says, answering each of its
+    batches with noisy label gradients drawn from ``noise``. The caller records the releases
+    in the ledger first.
 
     Returns the private side's view of the public model on the batches it answered: mean
     cross-entropy and accuracy on the true labels (private metrics, never sent).
     """
+    args = TrainArgs(**options)
+    epochs, batch_size = args.epochs, args.batch_size
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an integer >= 0, got epochs={epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got batch_size={batch_size!r}")
     true = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    rows = np.arange(len(true)) if indices is None else checked_rows(indices, len(true))
-    total = start_epoch + epochs if total_epochs is None else total_epochs
+    rows = args.rows(len(true))
     steps = math.ceil(len(rows) / batch_size)
     loss_sum, correct, seen = 0.0, 0, 0
-    for epoch in range(start_epoch, start_epoch + epochs):
-        order_gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    for epoch in range(args.start_epoch, args.start_epoch + epochs):
+        order_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
         order = rows[torch.randperm(len(rows), generator=order_gen).numpy()]
         for i in range(steps):
             idx = order[i * batch_size : (i + 1) * batch_size]
@@ -89,13 +85,13 @@ def train_on_label_gradients(
             z = public.step_logits(
                 dataset_id,
                 idx,
-                lr=cosine_lr(lr, step, total * steps),
-                seed=seed,
+                lr=cosine_lr(args.lr, step, args.total * steps),
+                seed=args.seed,
                 step=step,
-                model=model,
+                model=args.model,
             )
             y = true[idx]
-            public.step_apply(noisy_label_gradients(z, y, sigma, noise), model=model)
+            public.step_apply(noisy_label_gradients(z, y, sigma, noise), model=args.model)
             loss_sum += float(functional.cross_entropy(z, y)) * len(idx)
             correct += int((z.argmax(1) == y).sum())
             seen += len(idx)

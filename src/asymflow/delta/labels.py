@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,66 +30,15 @@ from torch.nn import functional
 
 from asymflow.accounting.events import Event, Gaussian, NonPrivate, RandomizedResponse
 from asymflow.accounting.ledger import PrivacyLedger
+from asymflow.delta.contract import (
+    NoisyLabelGradients,
+    NoisyLabels,
+    as_labels,
+    keep_probability,
+)
 
 CLEAR_LABELS = "labels sent in clear"
 """The ``NonPrivate.what`` of labels released without noise."""
-
-
-def _as_labels(labels: np.ndarray | Tensor, classes: int) -> np.ndarray:
-    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
-        raise ValueError(f"classes must be an integer >= 2, got classes={classes!r}")
-    array = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
-    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D integer array, got {array.dtype} {array.shape}")
-    if len(array) and (array.min() < 0 or array.max() >= classes):
-        raise ValueError(
-            f"labels must satisfy 0 <= label < classes={classes}, "
-            f"got range [{array.min()}, {array.max()}]"
-        )
-    return array.astype(np.int64)
-
-
-@dataclass(frozen=True)
-class NoisyLabels:
-    """Labels as released to the public side: int64 (N,) in [0, classes), and their event
-    (``RandomizedResponse`` or ``NonPrivate``). Serializable: an array, an int, an event."""
-
-    labels: np.ndarray
-    classes: int
-    event: Event
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.labels, np.ndarray) or self.labels.dtype != np.int64:
-            raise TypeError("labels must be an int64 numpy array")
-        _as_labels(self.labels, self.classes)
-        if not isinstance(self.event, RandomizedResponse | NonPrivate):
-            raise TypeError(
-                f"event must be RandomizedResponse or NonPrivate, got {type(self.event).__name__}"
-            )
-        if isinstance(self.event, RandomizedResponse) and self.event.classes != self.classes:
-            raise ValueError(
-                f"event.classes must equal classes={self.classes}, got {self.event.classes}"
-            )
-        self.labels.setflags(write=False)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def keep_probability(self) -> float:
-        """P(released label = true label): e^eps/(e^eps + K - 1) for RR, 1 in clear."""
-        if isinstance(self.event, RandomizedResponse):
-            return keep_probability(self.event.epsilon, self.classes)
-        return 1.0
-
-
-def keep_probability(epsilon: float, classes: int) -> float:
-    """p = e^eps / (e^eps + K - 1), the k-ary RR keep probability (Kairouz et al. 2016)."""
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"epsilon must be a finite number > 0, got epsilon={epsilon}")
-    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
-        raise ValueError(f"classes must be an integer >= 2, got classes={classes!r}")
-    return 1.0 / (1.0 + (classes - 1) * math.exp(-epsilon))
 
 
 def randomized_response(
@@ -99,7 +47,7 @@ def randomized_response(
     """k-ary randomized response: keep each label w.p. e^eps/(e^eps+K-1), else draw one of
     the other K-1 classes uniformly. The mechanism only; :func:`release_labels` records it
     in the ledger first."""
-    true = _as_labels(labels, classes)
+    true = as_labels(labels, classes)
     p = keep_probability(epsilon, classes)
     flip = generator.random(len(true)) >= p
     shift = generator.integers(1, classes, size=len(true))  # uniform over the K-1 others
@@ -109,7 +57,7 @@ def randomized_response(
 
 def clear_labels(labels: np.ndarray | Tensor, classes: int) -> NoisyLabels:
     """The true labels with a ``NonPrivate`` event (epsilon = inf in the ledger)."""
-    return NoisyLabels(_as_labels(labels, classes).copy(), classes, NonPrivate(CLEAR_LABELS))
+    return NoisyLabels(as_labels(labels, classes).copy(), classes, NonPrivate(CLEAR_LABELS))
 
 
 def release_labels(
@@ -129,7 +77,7 @@ def release_labels(
     None, the OS's secure source; ``mode="clear"``: :func:`clear_labels`. Returns the labels
     and the ledger row id (mark it released once the labels are handed on).
     """
-    true = _as_labels(labels, classes)
+    true = as_labels(labels, classes)
     if mode == "rr":
         if epsilon is None:
             raise ValueError("epsilon must be a finite number > 0 for mode='rr', got None")
@@ -152,30 +100,6 @@ LABEL_GRADIENT_SENSITIVITY = math.sqrt(2.0)
 """L2 sensitivity of softmax(z) - e_y to the label: ||e_y - e_y'||_2 = sqrt(2)."""
 
 
-@dataclass(frozen=True)
-class NoisyLabelGradients:
-    """d CE / d z_res for a batch of public rows, as released: float32 (B, K) values of
-    softmax(z_res) - e_y + N(0, (sqrt(2) sigma)^2 I), and the per-row event Gaussian(sigma)."""
-
-    values: np.ndarray
-    event: Gaussian
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.values, np.ndarray) or self.values.dtype != np.float32:
-            raise TypeError("values must be a float32 numpy array")
-        if self.values.ndim != 2 or self.values.shape[1] < 2:
-            shape = self.values.shape
-            raise ValueError(f"values must have shape (rows, classes >= 2), got {shape}")
-        if not np.isfinite(self.values).all():
-            raise ValueError("values must be finite")
-        if not isinstance(self.event, Gaussian):
-            raise TypeError(f"event must be Gaussian, got {type(self.event).__name__}")
-        self.values.setflags(write=False)
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-
 def noisy_label_gradients(
     logits: Tensor, labels: np.ndarray | Tensor, sigma: float, generator: torch.Generator
 ) -> NoisyLabelGradients:
@@ -187,7 +111,7 @@ def noisy_label_gradients(
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape (rows, classes), got {tuple(logits.shape)}")
     rows, classes = logits.shape
-    true = torch.from_numpy(_as_labels(labels, classes))
+    true = torch.from_numpy(as_labels(labels, classes))
     if len(true) != rows:
         raise ValueError(f"labels must have one entry per logit row ({rows}), got {len(true)}")
     g = torch.softmax(logits.detach().double(), 1) - functional.one_hot(true, classes).double()

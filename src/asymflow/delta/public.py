@@ -2,19 +2,18 @@
 
 The private side hands over sanitized residuals (:class:`SanitizedResidual`: clipped, noised,
 1-bit, with their privacy event) and label-DP payloads (:class:`NoisyLabels`); nothing else
-is accepted. The public side trains M_res on its own (no per-step round trip) and returns
-logits z_res, which the private side adds to z_main (Niu et al., CVPR 2024, arXiv 2312.05264,
-Sec. 3.4; DESIGN.md sec. 3). Messages are serializable (numpy arrays, ints, strings), so a
-gRPC server can stand behind the same :class:`PublicSide` protocol.
+is accepted (:mod:`asymflow.delta.contract`). :class:`LocalPublic` trains M_res on its own (no
+per-step round trip) and returns logits z_res, which the private side adds to z_main (Niu et
+al., CVPR 2024, arXiv 2312.05264, Sec. 3.4; DESIGN.md sec. 3). A gRPC server hosts the same
+class behind the same :class:`PublicSide` protocol.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,78 +22,20 @@ from torch.nn import functional
 
 from asymflow.accounting.events import RandomizedResponse
 from asymflow.data.dataset import augment_batch
-from asymflow.delta.labels import NoisyLabelGradients, NoisyLabels, keep_probability
-from asymflow.delta.sanitize import SanitizedResidual
-
-DEFAULT_MODEL = "res"
-"""The name of the public model when no cross-fitting is used."""
-
-
-@runtime_checkable
-class PublicSide(Protocol):
-    """What the private side may call on the public side.
-
-    The public side may hold several models (by name, e.g. one per cross-fitting fold); each
-    trains on an uploaded data set or a subset of its rows (``indices``).
-    """
-
-    def upload(self, data: SanitizedResidual, labels: NoisyLabels | None = None) -> str:
-        """Store released residuals (and label-DP labels); return the data set's id."""
-        ...
-
-    def train(
-        self,
-        dataset_id: str,
-        epochs: int,
-        *,
-        batch_size: int,
-        lr: float,
-        seed: int,
-        start_epoch: int = 0,
-        total_epochs: int | None = None,
-        model: str = DEFAULT_MODEL,
-        indices: np.ndarray | None = None,
-    ) -> dict[str, float]:
-        """Train model ``model`` on an uploaded, labelled data set (rows ``indices``, default
-        all) for ``epochs`` epochs; the learning rate follows a cosine over ``total_epochs``
-        (default ``start_epoch + epochs``) from ``start_epoch``."""
-        ...
-
-    def logits(self, data: SanitizedResidual, *, model: str = DEFAULT_MODEL) -> Tensor:
-        """z_res (N, classes) of released residuals from model ``model``."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]:
-        """The public side's models and optimizer states (for checkpoints)."""
-        ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output."""
-        ...
-
-
-@runtime_checkable
-class StepwisePublicSide(PublicSide, Protocol):
-    """A public side that can also train step by step on released label gradients
-    (``labels="grad"``): per batch, :meth:`step_logits` returns z_res and the private side
-    answers with noisy dL/dz_res for :meth:`step_apply`."""
-
-    def step_logits(
-        self,
-        dataset_id: str,
-        indices: np.ndarray,
-        *,
-        lr: float,
-        seed: int,
-        step: int,
-        model: str = DEFAULT_MODEL,
-    ) -> Tensor:
-        """z_res (B, classes) of the rows ``indices`` of an uploaded data set, in training mode."""
-        ...
-
-    def step_apply(self, gradients: NoisyLabelGradients, *, model: str = DEFAULT_MODEL) -> None:
-        """One optimizer step of ``model`` along the released gradients of its pending batch."""
-        ...
+from asymflow.delta.contract import (
+    DEFAULT_MODEL,
+    NoisyLabelGradients,
+    NoisyLabels,
+    PublicSide,
+    SanitizedResidual,
+    StepwisePublicSide,
+    TrainArgs,
+    TrainsWithArgs,
+    check_payload,
+    checked_rows,
+    dataset_id,
+    keep_probability,
+)
 
 
 def fold_model_names(folds: int) -> tuple[str, ...]:
@@ -107,32 +48,6 @@ def fold_model_names(folds: int) -> tuple[str, ...]:
 def ensemble_logits(public: PublicSide, data: SanitizedResidual, models: tuple[str, ...]) -> Tensor:
     """Mean of the public models' logits: z_res at test time under cross-fitting."""
     return torch.stack([public.logits(data, model=m) for m in models]).mean(0)
-
-
-def check_payload(data: object, labels: object = None) -> None:
-    """Refuse anything but a :class:`SanitizedResidual` (and :class:`NoisyLabels` or None)
-    with ``TypeError``: raw tensors and plain label arrays never cross the boundary."""
-    if not isinstance(data, SanitizedResidual):
-        raise TypeError(
-            f"data must be a SanitizedResidual (clipped, noised, 1-bit), got {type(data).__name__}"
-        )
-    if labels is not None and not isinstance(labels, NoisyLabels):
-        raise TypeError(
-            f"labels must be NoisyLabels (a label-DP release) or None, got {type(labels).__name__}"
-        )
-    if labels is not None and len(labels) != len(data):
-        raise ValueError(f"labels must have one entry per sample ({len(data)}), got {len(labels)}")
-
-
-def dataset_id(data: SanitizedResidual, labels: NoisyLabels | None) -> str:
-    """Content hash of a payload: uploading the same payload twice gives the same id."""
-    digest = hashlib.sha256()
-    digest.update(repr((data.shape, data.version, data.event.to_dict())).encode())
-    digest.update(np.ascontiguousarray(data.bits).tobytes())
-    if labels is not None:
-        digest.update(repr((labels.classes, labels.event.to_dict())).encode())
-        digest.update(np.ascontiguousarray(labels.labels).tobytes())
-    return digest.hexdigest()[:20]
 
 
 def cosine_lr(lr: float, step: int, total: int) -> float:
@@ -165,9 +80,9 @@ class _Stored:
     labels: NoisyLabels | None
 
 
-class LocalPublic:
-    """An in-process :class:`PublicSide`: each named M_res (built by ``model_factory`` on first
-    use) is trained with SGD (momentum, weight decay) and a cosine learning rate on the
+class LocalPublic(TrainsWithArgs, StepwisePublicSide):
+    """An in-process :class:`StepwisePublicSide`: each named M_res (built by ``model_factory``
+    on first use) is trained with SGD (momentum, weight decay) and a cosine learning rate on the
     unpacked +-1 bits and the label-DP labels.
 
     With ``correct_label_noise`` (default) randomized-response labels are learned with the
@@ -236,82 +151,41 @@ class LocalPublic:
         """Drop an uploaded data set (e.g. the residuals of an earlier per-epoch release)."""
         self._datasets.pop(dataset_id, None)
 
-    def training_rows(
-        self,
-        dataset_id: str,
-        epochs: int,
-        *,
-        batch_size: int,
-        lr: float,
-        indices: np.ndarray | None = None,
-    ) -> np.ndarray:
+    def training_rows(self, dataset_id: str, args: TrainArgs) -> np.ndarray:
         """The rows :meth:`train` would use, or ``ValueError`` for arguments it refuses."""
         data, labels = self.dataset(dataset_id)
         if labels is None:
             raise ValueError(f"dataset_id must name a labelled data set, got {dataset_id!r}")
+        epochs = args.epochs
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be an integer >= 0, got epochs={epochs!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got lr={lr}")
-        return np.arange(len(data)) if indices is None else checked_rows(indices, len(data))
+        if args.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got batch_size={args.batch_size}")
+        if not args.lr > 0:
+            raise ValueError(f"lr must be > 0, got lr={args.lr}")
+        return args.rows(len(data))
 
-    def train(
-        self,
-        dataset_id: str,
-        epochs: int,
-        *,
-        batch_size: int,
-        lr: float,
-        seed: int,
-        start_epoch: int = 0,
-        total_epochs: int | None = None,
-        model: str = DEFAULT_MODEL,
-        indices: np.ndarray | None = None,
-    ) -> dict[str, float]:
-        return self.train_shard(
-            dataset_id,
-            epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            start_epoch=start_epoch,
-            total_epochs=total_epochs,
-            model=model,
-            indices=indices,
-            shard=(0, 1),
-        )
+    def train_with(self, dataset_id: str, args: TrainArgs) -> dict[str, float]:
+        return self.train_shard(dataset_id, args, (0, 1))
 
     def train_shard(
-        self,
-        dataset_id: str,
-        epochs: int,
-        *,
-        batch_size: int,
-        lr: float,
-        seed: int,
-        start_epoch: int,
-        total_epochs: int | None,
-        model: str,
-        indices: np.ndarray | None,
-        shard: tuple[int, int],
+        self, dataset_id: str, args: TrainArgs, shard: tuple[int, int]
     ) -> dict[str, float]:
         """:meth:`train` as process ``rank`` of ``world`` (``shard``) in a DDP job
         (:mod:`asymflow.transport.ddp`). Every process draws each batch and its crops as one
         process would, keeps rows ``rank::world`` and scales its summed loss by
         world/|batch|: DDP's average of the gradients over the world is then the gradient of
         the whole batch's mean loss, also for a short last batch. Metrics are this shard's."""
-        rows = self.training_rows(dataset_id, epochs, batch_size=batch_size, lr=lr, indices=indices)
+        rows = self.training_rows(dataset_id, args)
         rank, world = shard
         if not 0 <= rank < world:
             raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
         data, labels = self.dataset(dataset_id)
         assert labels is not None  # training_rows refuses unlabelled data sets
-        net = self.model(model)
-        optimizer = self.optimizers[model]
+        net = self.model(args.model)
+        optimizer = self.optimizers[args.model]
         device = next(net.parameters()).device
-        total = start_epoch + epochs if total_epochs is None else total_epochs
+        batch_size = args.batch_size
         steps = math.ceil(len(rows) / batch_size)
         targets = torch.from_numpy(np.array(labels.labels, dtype=np.int64))
         log_t = None
@@ -320,8 +194,8 @@ class LocalPublic:
         padding = max(1, data.shape[1] // 8)
         net.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        for epoch in range(start_epoch, start_epoch + epochs):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        for epoch in range(args.start_epoch, args.start_epoch + args.epochs):
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
             order = rows[torch.randperm(len(rows), generator=gen).numpy()]
             for i in range(steps):
                 idx = order[i * batch_size : (i + 1) * batch_size]
@@ -335,7 +209,7 @@ class LocalPublic:
                     x = data.subset(mine).unpack()
                 x, y = x.to(device), targets[mine].to(device)
                 for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(lr, epoch * steps + i, total * steps)
+                    group["lr"] = cosine_lr(args.lr, epoch * steps + i, args.total * steps)
                 z = net(x)
                 if log_t is None:
                     summed = functional.cross_entropy(z, y, reduction="sum")
@@ -427,13 +301,3 @@ class LocalPublic:
         optimizer.zero_grad(set_to_none=True)
         ((z * g).sum() / len(z)).backward()
         optimizer.step()
-
-
-def checked_rows(indices: np.ndarray, n: int) -> np.ndarray:
-    """``indices`` as a non-empty 1-D integer array of rows in [0, n), or ``ValueError``."""
-    rows = np.asarray(indices)
-    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
-        raise ValueError("indices must be a non-empty 1-D integer array")
-    if rows.min() < 0 or rows.max() >= n:
-        raise ValueError(f"indices must lie in [0, {n}), got [{rows.min()}, {rows.max()}]")
-    return rows

@@ -18,53 +18,10 @@ from torch import Tensor
 
 from asymflow.accounting.events import BalancedSampled, Event, Gaussian, PoissonSampled
 from asymflow.accounting.ledger import PrivacyLedger
+from asymflow.delta.contract import SanitizedResidual
 
-WIRE_VERSION = 1
 _CACHE_ELEMENTS = 1 << 19
 """Residual elements per block of the sanitizer's passes (2 MiB of float32: cache-sized)."""
-
-
-@dataclass(frozen=True)
-class SanitizedResidual:
-    """Bit-packed sanitized residuals of a batch, with the privacy event of their release.
-
-    ``bits`` is uint8 of shape (N, ceil(c*h*w/8)); bit j of sample i is 1[noisy residual >= 0]
-    at flat position j of its (c, h, w) tensor (numpy ``packbits`` order, big-endian in a byte).
-    """
-
-    bits: np.ndarray
-    shape: tuple[int, int, int]
-    event: Event
-    version: int = WIRE_VERSION
-
-    def __post_init__(self) -> None:
-        if self.bits.dtype != np.uint8 or self.bits.ndim != 2:
-            raise ValueError("bits must be a 2-D uint8 array")
-        if len(self.shape) != 3 or any(int(d) < 1 for d in self.shape):
-            raise ValueError(f"shape must be (c, h, w) with positive sizes, got {self.shape}")
-        if self.bits.shape[1] != self.bytes_per_sample:
-            raise ValueError(
-                f"bits must have ceil(c*h*w/8) = {self.bytes_per_sample} bytes per sample, "
-                f"got {self.bits.shape[1]}"
-            )
-
-    @property
-    def bytes_per_sample(self) -> int:
-        """ceil(c*h*w / 8): one bit per residual element."""
-        return math.ceil(math.prod(self.shape) / 8)
-
-    def __len__(self) -> int:
-        return self.bits.shape[0]
-
-    def unpack(self) -> Tensor:
-        """The public model's input: a float tensor (N, c, h, w) of +-1."""
-        flat = np.unpackbits(self.bits, axis=1, count=math.prod(self.shape))
-        signs = torch.from_numpy(flat.astype(np.float32)).mul_(2).sub_(1)
-        return signs.reshape(len(self), *self.shape)
-
-    def subset(self, index: np.ndarray | slice) -> SanitizedResidual:
-        """The residuals of some samples (no new release)."""
-        return SanitizedResidual(self.bits[index], self.shape, self.event, self.version)
 
 
 class Sanitizer:

@@ -19,7 +19,6 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,10 +26,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asymflow.delta.labels import NoisyLabelGradients, NoisyLabels
-from asymflow.delta.public import DEFAULT_MODEL, check_payload, checked_rows, dataset_id
-from asymflow.delta.runs import DeltaConfig, latest_checkpoint, load_checkpoint, read_config
-from asymflow.delta.sanitize import WIRE_VERSION, SanitizedResidual
+from asymflow.delta.contract import (
+    DEFAULT_MODEL,
+    WIRE_VERSION,
+    NoisyLabelGradients,
+    NoisyLabels,
+    PublicConfig,
+    SanitizedResidual,
+    TrainArgs,
+    TrainsWithArgs,
+    check_payload,
+    checked_rows,
+    dataset_id,
+    trained_public,
+)
 from asymflow.transport import wire
 from asymflow.transport.auth import (
     bearer_metadata,
@@ -97,8 +106,8 @@ def _new_id() -> str:
     return secrets.token_hex(16)
 
 
-class RemotePublic:
-    """A :class:`asymflow.delta.public.PublicSide` on a remote public server.
+class RemotePublic(TrainsWithArgs):
+    """A :class:`asymflow.delta.contract.StepwisePublicSide` on a remote public server.
 
     ``target`` is ``HOST:PORT``. TLS trusts ``root_cert`` (the server's CA or self-signed
     certificate, PEM); without it ``insecure=True`` is required and ``target`` must be a
@@ -114,7 +123,7 @@ class RemotePublic:
         self,
         target: str,
         *,
-        config: DeltaConfig | None = None,
+        config: PublicConfig | None = None,
         spec: PublicSpec | None = None,
         classes: int | None = None,
         root_cert: str | os.PathLike[str] | bytes | None = None,
@@ -130,7 +139,7 @@ class RemotePublic:
         host, _ = split_address(target)
         if (config is None) == (spec is None):
             raise ValueError("exactly one of config (a DeltaConfig) and spec must be given")
-        if config is not None and not isinstance(config, DeltaConfig):
+        if config is not None and not isinstance(config, PublicConfig):
             raise TypeError(f"config must be a DeltaConfig, got {type(config).__name__}")
         if spec is not None and not isinstance(spec, PublicSpec):
             raise TypeError(f"spec must be a PublicSpec, got {type(spec).__name__}")
@@ -353,35 +362,14 @@ class RemotePublic:
             "Upload", grpc.StatusCode.ABORTED, "the server kept losing parts of the upload"
         )
 
-    def train(
-        self,
-        dataset_id: str,
-        epochs: int,
-        *,
-        batch_size: int,
-        lr: float,
-        seed: int,
-        start_epoch: int = 0,
-        total_epochs: int | None = None,
-        model: str = DEFAULT_MODEL,
-        indices: np.ndarray | None = None,
-    ) -> dict[str, float]:
-        """Train ``model`` on the server (see :meth:`PublicSide.train`). One request id for
-        all retries; a data set the server lost is uploaded again (same payload)."""
-        rows = None if indices is None else checked_rows(indices, np.iinfo(np.int64).max)
-        message = wire.TrainRequest(
-            self.session,
-            _new_id(),
-            dataset_id,
-            epochs,
-            batch_size,
-            float(lr),
-            seed,
-            start_epoch,
-            total_epochs,
-            model,
-            None if rows is None else rows.astype(np.int64),
+    def train_with(self, dataset_id: str, args: TrainArgs) -> dict[str, float]:
+        """Train ``args.model`` on the server. One request id for all retries; a data set the
+        server lost is uploaded again (same payload)."""
+        rows = None if args.indices is None else checked_rows(args.indices, np.iinfo(np.int64).max)
+        args = replace(
+            args, lr=float(args.lr), indices=None if rows is None else rows.astype(np.int64)
         )
+        message = wire.TrainRequest.carrying(self.session, _new_id(), dataset_id, args)
         request = wire.encode(message)
         reply = self._on_dataset("Train", request, wire.TrainReply, dataset_id, long=True)
         self._trained = True
@@ -422,7 +410,7 @@ class RemotePublic:
         model: str = DEFAULT_MODEL,
     ) -> Tensor:
         """z_res of rows ``indices`` in training mode, held on the server for
-        :meth:`step_apply` (see :class:`asymflow.delta.public.StepwisePublicSide`)."""
+        :meth:`step_apply` (see :class:`asymflow.delta.contract.StepwisePublicSide`)."""
         rows = checked_rows(indices, np.iinfo(np.int64).max).astype(np.int64)
         message = wire.StepLogitsRequest(
             self.session, _new_id(), dataset_id, float(lr), seed, step, model, rows
@@ -540,19 +528,11 @@ class RemotePublic:
     def for_run(cls, run_dir: str | os.PathLike[str], target: str, **kwargs: Any) -> RemotePublic:
         """A client for inference with a trained run: its spec from the run's config and
         checkpoint, and the checkpoint's public models sent to the server."""
-        config = read_config(run_dir)
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            raise FileNotFoundError(f"run_dir must hold a checkpoint, got {run_dir}")
-        state = load_checkpoint(Path(found[2]))
-        meta = state["meta"]
-        height, width = int(meta["image_shape"][0]), int(meta["image_shape"][1])
-        spec = PublicSpec.from_config(
-            config, classes=int(meta["classes"]), shape=(config.ir_channels, height, width)
-        )
+        run = trained_public(run_dir)
+        spec = PublicSpec.from_config(run.config, classes=run.classes, shape=run.shape)
         client = cls(target, spec=spec, **kwargs)
-        if state.get("public") is not None:
-            client.load_state_dict(state["public"])
+        if run.state is not None:
+            client.load_state_dict(run.state)
         return client
 
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from asymflow.accounting.events import event_from_dict
-from asymflow.delta.labels import NoisyLabels
-from asymflow.delta.public import DEFAULT_MODEL, LocalPublic
-from asymflow.delta.sanitize import SanitizedResidual
+from asymflow.delta.contract import NoisyLabels, SanitizedResidual, TrainArgs
+from asymflow.delta.public import LocalPublic
 from asymflow.transport.spec import PublicSpec
 
 WORKER = "asymflow.transport.ddp"
@@ -154,24 +154,13 @@ class DistributedPublic(LocalPublic):
         self.nproc_per_node = nproc_per_node
         self.device = "cuda" if torch.cuda.device_count() >= nproc_per_node else "cpu"
 
-    def train(
-        self,
-        dataset_id: str,
-        epochs: int,
-        *,
-        batch_size: int,
-        lr: float,
-        seed: int,
-        start_epoch: int = 0,
-        total_epochs: int | None = None,
-        model: str = DEFAULT_MODEL,
-        indices: np.ndarray | None = None,
-    ) -> dict[str, float]:
-        self.training_rows(dataset_id, epochs, batch_size=batch_size, lr=lr, indices=indices)
+    def train_with(self, dataset_id: str, args: TrainArgs) -> dict[str, float]:
+        self.training_rows(dataset_id, args)
         data, labels = self.dataset(dataset_id)
         assert labels is not None  # training_rows refuses unlabelled data sets
-        net = self.model(model)
-        optimizer = self.optimizers[model]
+        net = self.model(args.model)
+        optimizer = self.optimizers[args.model]
+        indices = args.indices
         job = {
             "spec": self.spec.to_dict(),
             "device": self.device,
@@ -182,15 +171,9 @@ class DistributedPublic(LocalPublic):
             "labels": torch.from_numpy(np.array(labels.labels)),
             "classes": labels.classes,
             "label_event": labels.event.to_dict(),
-            "model": model,
             "state": {"model": net.state_dict(), "optimizer": optimizer.state_dict()},
             "train": {
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "lr": lr,
-                "seed": seed,
-                "start_epoch": start_epoch,
-                "total_epochs": total_epochs,
+                **{f.name: getattr(args, f.name) for f in fields(args)},
                 "indices": None if indices is None else torch.from_numpy(np.array(indices)),
             },
         }
@@ -253,27 +236,16 @@ def work(directory: Path) -> None:
             job["labels"].numpy(), job["classes"], event_from_dict(job["label_event"])
         )
         key = public.upload(data, labels)
-        name = job["model"]
-        net = public.model(name).to(device)
-        net.load_state_dict(job["state"]["model"])
-        public.optimizers[name].load_state_dict(job["state"]["optimizer"])  # onto `device`
-        public.models[name] = DistributedDataParallel(
-            global_batch_norm(net), device_ids=[local_rank] if cuda else None
-        )
         options = job["train"]
         indices = options["indices"]
-        metrics = public.train_shard(
-            key,
-            options["epochs"],
-            batch_size=options["batch_size"],
-            lr=options["lr"],
-            seed=options["seed"],
-            start_epoch=options["start_epoch"],
-            total_epochs=options["total_epochs"],
-            model=name,
-            indices=None if indices is None else indices.numpy(),
-            shard=(rank, world),
+        args = TrainArgs(**{**options, "indices": None if indices is None else indices.numpy()})
+        net = public.model(args.model).to(device)
+        net.load_state_dict(job["state"]["model"])
+        public.optimizers[args.model].load_state_dict(job["state"]["optimizer"])  # onto `device`
+        public.models[args.model] = DistributedDataParallel(
+            global_batch_norm(net), device_ids=[local_rank] if cuda else None
         )
+        metrics = public.train_shard(key, args, (rank, world))
         seen = metrics["samples"]
         totals = torch.tensor(
             [metrics["loss"] * seen, metrics["acc_on_received_labels"] * seen, seen],
@@ -285,7 +257,7 @@ def work(directory: Path) -> None:
             loss, correct, samples = totals.tolist()
             result = {
                 "model": net.state_dict(),
-                "optimizer": public.optimizers[name].state_dict(),
+                "optimizer": public.optimizers[args.model].state_dict(),
                 "metrics": {
                     "loss": loss / max(samples, 1.0),
                     "acc_on_received_labels": correct / max(samples, 1.0),

@@ -48,9 +48,8 @@ import grpc
 import numpy as np
 import torch
 
-from asymflow.delta.labels import NoisyLabels
+from asymflow.delta.contract import WIRE_VERSION, NoisyLabels, SanitizedResidual
 from asymflow.delta.public import LocalPublic
-from asymflow.delta.sanitize import WIRE_VERSION, SanitizedResidual
 from asymflow.transport import wire
 from asymflow.transport.auth import (
     BearerTokenInterceptor,
@@ -554,17 +553,7 @@ class PublicService:
             before = None if fresh else copy.deepcopy(session.model_state(req.model))
             torch.set_num_threads(self.threads)
             try:
-                metrics = public.train(
-                    req.dataset_id,
-                    req.epochs,
-                    batch_size=req.batch_size,
-                    lr=req.lr,
-                    seed=req.seed,
-                    start_epoch=req.start_epoch,
-                    total_epochs=req.total_epochs,
-                    model=req.model,
-                    indices=req.indices,
-                )
+                metrics = public.train_with(req.dataset_id, req.args)
             except ValueError as err:  # arguments LocalPublic refuses
                 _restore(public, req.model, before)
                 raise _invalid(str(err)) from None

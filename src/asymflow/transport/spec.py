@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from asymflow.delta.contract import PublicConfig
 from asymflow.delta.public import LocalPublic
-from asymflow.delta.runs import DeltaConfig
 from asymflow.models import public_model
 from asymflow.models.resnet import ARCHS
 
@@ -104,11 +104,11 @@ class PublicSpec:
 
     @classmethod
     def from_config(
-        cls, config: DeltaConfig, *, classes: int, shape: tuple[int, int, int]
+        cls, config: PublicConfig, *, classes: int, shape: tuple[int, int, int]
     ) -> PublicSpec:
         """The spec of ``config``'s M_res on residuals of ``shape``; the same model and
-        optimizer as the in-process :class:`LocalPublic` of ``train_delta``."""
-        if not isinstance(config, DeltaConfig):
+        optimizer as the in-process public side of ``train_delta``."""
+        if not isinstance(config, PublicConfig):
             raise TypeError(f"config must be a DeltaConfig, got {type(config).__name__}")
         return cls(
             arch=config.public_arch,

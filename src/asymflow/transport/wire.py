@@ -12,7 +12,7 @@ boundary (DESIGN.md sec. 2, 5). The names of the codec its users call (``wire.en
 # when the module is imported.
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Annotated, Any, ClassVar
 
 import numpy as np
@@ -25,8 +25,13 @@ from asymflow.accounting.events import (
     NonPrivate,
     RandomizedResponse,
 )
-from asymflow.delta.labels import NoisyLabelGradients, NoisyLabels
-from asymflow.delta.sanitize import WIRE_VERSION, SanitizedResidual
+from asymflow.delta.contract import (
+    WIRE_VERSION,
+    NoisyLabelGradients,
+    NoisyLabels,
+    SanitizedResidual,
+    TrainArgs,
+)
 from asymflow.transport.codec import MAGIC as MAGIC
 from asymflow.transport.codec import (
     MAX_DIM,
@@ -289,6 +294,20 @@ class TrainRequest(Message):
     total_epochs: Annotated[int | None, Nullable(Integer(0, 1 << 30))] = None
     model: Annotated[str, MODEL] = "res"
     indices: Annotated[np.ndarray | None, Nullable(INDICES)] = field(default=None, compare=False)
+
+    @classmethod
+    def carrying(
+        cls, session: str, request_id: str, dataset_id: str, args: TrainArgs
+    ) -> "TrainRequest":
+        """The request that trains as ``args`` says."""
+        return cls(
+            session, request_id, dataset_id, **{f.name: getattr(args, f.name) for f in fields(args)}
+        )
+
+    @property
+    def args(self) -> TrainArgs:
+        """The training arguments this request carries."""
+        return TrainArgs(**{f.name: getattr(self, f.name) for f in fields(TrainArgs)})
 
 
 @dataclass(frozen=True)

@@ -80,52 +80,50 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-account_app = typer.Typer(
-    help="Certified ε of a DP-SGD schedule (run with options), or noise calibration.",
-    add_completion=False,
-)
-delta_app = typer.Typer(
-    help="Delta: private learning with asymmetric flows (train, evaluate, report).",
-    no_args_is_help=True,
-)
-dpsgd_app = typer.Typer(
-    help="DP-SGD with balanced (k of T) or Poisson sampling and model partitioning.",
-    no_args_is_help=True,
-)
-fl_app = typer.Typer(
-    help="Federated training with client-level DP on Flower: simulate, or write a Flower App.",
-    no_args_is_help=True,
-)
-ledger_app = typer.Typer(help="Inspect a run's privacy ledger.", no_args_is_help=True)
-audit_app = typer.Typer(
-    help="Privacy audits: reconstruction from the public view, membership inference, canaries.",
-    no_args_is_help=True,
-)
-public_app = typer.Typer(
-    help="Delta's public side on another machine: TLS keys and a token, and the server.",
-    no_args_is_help=True,
-)
+
+
+def _group(name: str, help_text: str, **settings: Any) -> typer.Typer:
+    """The command group ``asymflow <name>``; called without a command, it shows its help."""
+    group = typer.Typer(**{"help": help_text, "no_args_is_help": True, **settings})
+    app.add_typer(group, name=name)
+    return group
+
 
 app.command("demo")(demo.demo)
-app.add_typer(delta_app, name="delta")
+delta_app = _group(
+    "delta", "Delta: private learning with asymmetric flows (train, evaluate, report)."
+)
 delta_app.command("train", cls=ConfigCommand)(delta.delta_train)
 delta_app.command("eval")(delta.delta_eval)
 delta_app.command("report")(delta.delta_report)
-app.add_typer(dpsgd_app, name="dpsgd")
+dpsgd_app = _group(
+    "dpsgd", "DP-SGD with balanced (k of T) or Poisson sampling and model partitioning."
+)
 dpsgd_app.command("train", cls=ConfigCommand)(dpsgd.dpsgd_train)
-app.add_typer(fl_app, name="fl")
-app.add_typer(audit_app, name="audit")
+fl_app = _group(
+    "fl", "Federated training with client-level DP on Flower: simulate, or write a Flower App."
+)
+fl_app.command("run", cls=ConfigCommand)(fl.fl_run)
+fl_app.command("app", cls=ConfigCommand)(fl.fl_app)
+audit_app = _group(
+    "audit", "Privacy audits: reconstruction from the public view, membership inference, canaries."
+)
 audit_app.command("reconstruct")(audit.audit_reconstruct)
 audit_app.command("membership")(audit.audit_membership)
 audit_app.command("canary")(audit.audit_canary)
-fl_app.command("run", cls=ConfigCommand)(fl.fl_run)
-fl_app.command("app", cls=ConfigCommand)(fl.fl_app)
-app.add_typer(account_app, name="account")
+account_app = _group(
+    "account",
+    "Certified ε of a DP-SGD schedule (run with options), or noise calibration.",
+    no_args_is_help=False,
+    add_completion=False,
+)
 account_app.callback(invoke_without_command=True)(account.account)
 account_app.command("calibrate")(account.calibrate)
-app.add_typer(ledger_app, name="ledger")
+ledger_app = _group("ledger", "Inspect a run's privacy ledger.")
 ledger_app.command("show")(ledger.ledger_show)
-app.add_typer(public_app, name="public")
+public_app = _group(
+    "public", "Delta's public side on another machine: TLS keys and a token, and the server."
+)
 public_app.command("keygen")(public.public_keygen)
 public_app.command("serve")(public.public_serve)
 

@@ -34,14 +34,7 @@ from asymflow.cli.common import (
     fmt,
     out_console,
 )
-from asymflow.cli.options import (
-    OutOpt,
-    ResumeOpt,
-    config_class,
-    config_command,
-    option_names,
-    run_config,
-)
+from asymflow.cli.options import OutOpt, ResumeOpt, config_command, option_names, run_config
 from asymflow.cli.public import (
     CaCertOpt,
     InsecureOpt,
@@ -97,7 +90,7 @@ def delta_train(
         f"continue the run from its last checkpoint with 'asymflow delta train --out {out} "
         f"--resume --public {public_server} ...'"
     )
-    options = option_names(config_class(CONFIG), run_dir="--out")
+    options = option_names(CONFIG, run_dir="--out")
     with errors(options, DATA_HINTS), remote_errors(public_server, lost):
         check_client_options(public_server, token_file, ca_cert, insecure)
         from asymflow.delta.runs import read_config

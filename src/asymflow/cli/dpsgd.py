@@ -26,14 +26,7 @@ from asymflow.cli.common import (
     fmt,
     out_console,
 )
-from asymflow.cli.options import (
-    OutOpt,
-    ResumeOpt,
-    config_class,
-    config_command,
-    option_names,
-    run_config,
-)
+from asymflow.cli.options import OutOpt, ResumeOpt, config_command, option_names, run_config
 
 if TYPE_CHECKING:
     from asymflow.dpsgd.runs import DpsgdConfig
@@ -69,7 +62,7 @@ def dpsgd_train(
     Example: asymflow dpsgd train --sampler balanced --k 5 --epochs 5 --target-epsilon 8
     --out runs/dpsgd
     """
-    options = option_names(config_class(CONFIG), run_dir="--out", methods="--method")
+    options = option_names(CONFIG, run_dir="--out", methods="--method")
     with errors(options, DATA_HINTS):
         if method is not None:
             given = {**given, "methods": METHODS[check_choice("--method", method, tuple(METHODS))]}

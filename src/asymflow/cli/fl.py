@@ -24,14 +24,7 @@ from asymflow.cli.common import (
     fmt,
     out_console,
 )
-from asymflow.cli.options import (
-    OutOpt,
-    ResumeOpt,
-    config_class,
-    config_command,
-    option_names,
-    run_config,
-)
+from asymflow.cli.options import OutOpt, ResumeOpt, config_command, option_names, run_config
 
 if TYPE_CHECKING:
     from asymflow.federated import FederatedConfig
@@ -46,9 +39,7 @@ CONFIG = "asymflow.federated:FederatedConfig"
 
 def _options(**extra: str) -> dict[str, str]:
     """Config field -> option, for error messages (PartitionSpec's are --subnetwork's)."""
-    return option_names(
-        config_class(CONFIG), partition="--subnetwork", spec="--subnetwork", **extra
-    )
+    return option_names(CONFIG, partition="--subnetwork", spec="--subnetwork", **extra)
 
 
 def _new_config(given: dict[str, Any]) -> FederatedConfig:

@@ -29,7 +29,6 @@ __all__ = [
     "ConfigCommand",
     "OutOpt",
     "ResumeOpt",
-    "config_class",
     "config_command",
     "option_names",
     "run_config",
@@ -117,9 +116,13 @@ class ConfigCommand(TyperCommand):
         self._own, self._all = list(value), None
 
 
-def option_names(config: type, **extra: str) -> dict[str, str]:
-    """Config field -> its option, and ``extra`` names, for the messages of :func:`errors`."""
-    return {**{f.name: option_name(f.name) for f in dataclasses.fields(config)}, **extra}
+def option_names(path: str, **extra: str) -> dict[str, str]:
+    """Field of the config at ``path`` -> its option, and ``extra`` names, for the messages
+    of :func:`errors`."""
+    return {
+        **{f.name: option_name(f.name) for f in dataclasses.fields(config_class(path))},
+        **extra,
+    }
 
 
 def run_config(

@@ -1,16 +1,14 @@
-"""The Opacus adapter in real Opacus loops: BIS and Poisson events, the ledger, state dicts."""
+"""AsymflowAccountant in the DP-SGD loop (private_step): BIS and Poisson events, the ledger
+(written before the updates), state dicts, refusals."""
 
 from __future__ import annotations
 
-import copy
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from opacus import PrivacyEngine
-from torch.nn import functional
+from opacus import GradSampleModule
 
 from asymflow.accounting import (
     BalancedSampled,
@@ -22,16 +20,17 @@ from asymflow.accounting import (
     best_epsilon,
 )
 from asymflow.accounting.ledger import PrivacyLedger
-from asymflow.dpsgd.engine import make_private_with_sampler
-from asymflow.dpsgd.loader import EmptySafeCollate
+from asymflow.dpsgd.loader import private_loader
 from asymflow.dpsgd.opacus_accountant import MECHANISM, AsymflowAccountant
+from asymflow.dpsgd.partition import plan_partition
+from asymflow.dpsgd.train import private_step
 from asymflow.sampling import BalancedIterationSampler, PoissonSampler, ShuffleSampler
 from tests.dpsgd.tiny import tiny_cnn, tiny_data
 
 DELTA = 1e-5
 RDP = ("rdp",)
 NORMALIZER = 5.0
-"""The declared batch size B of the Opacus runs: a public constant, unlike k N / T."""
+"""The declared batch size B of the runs: a public constant, unlike k N / T."""
 
 
 @pytest.fixture
@@ -40,59 +39,51 @@ def ledger(tmp_path: Path) -> Iterator[PrivacyLedger]:
         yield opened
 
 
-def _engine() -> PrivacyEngine:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        return PrivacyEngine()
-
-
-def _opacus_run(sampler, ledger, *, sigma: float, epochs: int):
-    """Plain Opacus DP-SGD (GradSampleModule + DPOptimizer) with our sampler and accountant.
+def _private_run(sampler, ledger, *, sigma: float, epochs: int):
+    """DP-SGD through :func:`private_step` with our sampler and accountant.
 
     Returns the accountant and, for every parameter update, the number of ledger rows that
     existed when the update was applied."""
     model = tiny_cnn()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    module, dp_optimizer, loader, accountant = make_private_with_sampler(
-        privacy_engine=_engine(),
-        module=model,
-        optimizer=optimizer,
-        dataset=tiny_data(sampler.num_samples),
-        sampler=sampler,
-        normalizer=NORMALIZER,
-        noise_multiplier=sigma,
-        max_grad_norm=1.0,
-        ledger=ledger,
-        noise_generator=torch.Generator().manual_seed(0),
-    )
+    plan = plan_partition(model)
+    params = plan.parameters(model)
+    module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    accountant = AsymflowAccountant(sampler, ledger=ledger)
     rows_at_update: list[int] = []
-    inner_step = dp_optimizer.original_optimizer.step
+    inner_step = optimizer.step
 
     def watched_step(*args, **kwargs):
         rows_at_update.append(len(ledger.entries()))
         return inner_step(*args, **kwargs)
 
-    dp_optimizer.original_optimizer.step = watched_step
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for _ in range(epochs):
-            for x, y in loader:
-                dp_optimizer.zero_grad()
-                functional.cross_entropy(module(x), y).backward()
-                dp_optimizer.step()
+    optimizer.step = watched_step
+    loader = private_loader(tiny_data(sampler.num_samples), sampler)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        for batch in loader:
+            private_step(
+                module,
+                params,
+                plan,
+                batch,
+                optimizer=optimizer,
+                accountant=accountant,
+                clip=1.0,
+                sigma=sigma,
+                normalizer=NORMALIZER,
+                generator=generator,
+            )
     accountant.finish()
-    return accountant, rows_at_update, dp_optimizer
+    return accountant, rows_at_update
 
 
-def test_bis_in_opacus_loop_ledger_epsilon_equals_sampler_event(ledger: PrivacyLedger) -> None:
-    """Two BIS passes through Opacus record two pass events, each before the pass's first
-    update, and the ledger's epsilon (RDP and PLD) equals the sampler's own event's."""
+def test_bis_training_ledger_epsilon_equals_sampler_event(ledger: PrivacyLedger) -> None:
+    """Two BIS passes of DP-SGD record two pass events, each before the pass's first update,
+    and the ledger's epsilon (RDP and PLD) equals the sampler's own event's."""
     sigma, k, steps, passes = 2.0, 2, 8, 2
     sampler = BalancedIterationSampler(24, k, steps, seed=3)
-    accountant, rows_at_update, dp_optimizer = _opacus_run(
-        sampler, ledger, sigma=sigma, epochs=passes
-    )
-    assert dp_optimizer.expected_batch_size == NORMALIZER  # declared, not k N / T
+    accountant, rows_at_update = _private_run(sampler, ledger, sigma=sigma, epochs=passes)
     assert rows_at_update == [1] * steps + [2] * steps  # each pass recorded before its updates
     entries = ledger.entries()
     assert [e.event for e in entries] == [BalancedSampled(k, steps, Gaussian(sigma))] * passes
@@ -109,7 +100,7 @@ def test_bis_in_opacus_loop_ledger_epsilon_equals_sampler_event(ledger: PrivacyL
 
 def test_poisson_records_one_row_per_epoch_before_its_steps(ledger: PrivacyLedger) -> None:
     sampler = PoissonSampler(24, 0.25, 4, seed=1)
-    accountant, rows_at_update, _ = _opacus_run(sampler, ledger, sigma=1.5, epochs=2)
+    accountant, rows_at_update = _private_run(sampler, ledger, sigma=1.5, epochs=2)
     accountant.methods = RDP
     assert rows_at_update == [1] * 4 + [2] * 4
     assert [(e.event, e.count) for e in ledger.entries()] == [
@@ -119,32 +110,6 @@ def test_poisson_records_one_row_per_epoch_before_its_steps(ledger: PrivacyLedge
     got = best_epsilon(ledger.composed_event(), DELTA, RDP)
     assert got.epsilon == pytest.approx(want.epsilon, rel=1e-9)
     assert accountant.epsilon_report(DELTA).epsilon == pytest.approx(got.epsilon, rel=1e-9)
-
-
-def test_empty_batch_in_opacus_loop_adds_noise(ledger: PrivacyLedger) -> None:
-    sampler = BalancedIterationSampler(24, 1, 6, seed=0)
-    model = tiny_cnn()
-    module, dp_optimizer, _, accountant = make_private_with_sampler(
-        privacy_engine=_engine(),
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        dataset=tiny_data(24),
-        sampler=sampler,
-        normalizer=NORMALIZER,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        ledger=ledger,
-    )
-    x, y = EmptySafeCollate(tiny_data(1)[0])([])
-    before = [p.detach().clone() for p in model.parameters()]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        functional.cross_entropy(module(x), y, reduction="sum").backward()
-    dp_optimizer.step()
-    assert len(accountant) == 1 and len(ledger.entries()) == 1
-    for p, b in zip(model.parameters(), before, strict=True):
-        assert torch.isfinite(p).all()
-        assert bool((p.detach() != b).all())
 
 
 def test_state_dict_round_trips(ledger: PrivacyLedger) -> None:
@@ -207,46 +172,3 @@ def test_an_abandoned_pass_is_not_merged_into_the_next(ledger: PrivacyLedger) ->
         accountant.step(noise_multiplier=1.0, sample_rate=0.25)
     assert len(ledger.entries()) == 3
     assert accountant.event() == ledger.composed_event()
-
-
-def test_opacus_optimizer_divides_by_the_declared_batch_size(
-    ledger: PrivacyLedger,
-) -> None:
-    """Through DPOptimizer: theta_1 = theta_0 - lr (sum_i clip(g_i) + noise) / B, with the
-    declared B = 5 while the batch holds 3 examples, the expected batch size is kN/T = 8 and
-    Opacus alone would divide by int(N/T) = 4."""
-    k, n, steps, sigma, clip, lr = 2, 24, 6, 0.8, 0.3, 0.1
-    sampler = BalancedIterationSampler(n, k, steps, seed=0)
-    model = tiny_cnn()
-    reference = copy.deepcopy(model)
-    module, dp_optimizer, _, _ = make_private_with_sampler(
-        privacy_engine=_engine(),
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-        dataset=tiny_data(n),
-        sampler=sampler,
-        normalizer=NORMALIZER,
-        noise_multiplier=sigma,
-        max_grad_norm=clip,
-        ledger=ledger,
-        noise_generator=torch.Generator().manual_seed(11),
-    )
-    x, y = tiny_data(3, seed=5).tensors
-    params = list(reference.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    for i in range(3):
-        loss = functional.cross_entropy(reference(x[i : i + 1]), y[i : i + 1])
-        grads = torch.autograd.grad(loss, params)
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-        total = [t + min(1.0, clip / float(norm)) * g for t, g in zip(total, grads, strict=True)]
-    gen = torch.Generator().manual_seed(11)
-    noise = [torch.normal(0.0, sigma * clip, p.shape, generator=gen) for p in params]
-    want = [
-        p.detach() - lr * (t + z) / NORMALIZER for p, t, z in zip(params, total, noise, strict=True)
-    ]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        functional.cross_entropy(module(x), y).backward()
-    dp_optimizer.step()
-    for p, w in zip(model.parameters(), want, strict=True):
-        torch.testing.assert_close(p.detach(), w, rtol=1e-4, atol=1e-6)

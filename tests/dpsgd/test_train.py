@@ -22,7 +22,7 @@ from asymflow.accounting import (
     best_epsilon,
 )
 from asymflow.accounting.ledger import PrivacyLedger
-from asymflow.dpsgd.engine import validate_model
+from asymflow.dpsgd.aggregate import validate_model
 from asymflow.dpsgd.partition import PartitionSpec, step_accounting
 from asymflow.dpsgd.runs import (
     DpsgdConfig,

@@ -1,15 +1,15 @@
-"""DP-SGD through Opacus with our samplers (Poisson, BIS), our accountant and ledger, and
-random-subnetwork (partitioned) training (Dong, Chen, Ozgur, ICML 2025, arXiv 2503.03043).
+"""DP-SGD with Opacus's per-sample gradients, our samplers (Poisson, BIS), our accountant and
+ledger, and random-subnetwork (partitioned) training (Dong, Chen, Ozgur, ICML 2025, arXiv
+2503.03043). One step path for plain and partitioned training: :func:`private_step`.
 
 - :mod:`.opacus_accountant`: :class:`AsymflowAccountant`, an Opacus ``IAccountant``;
-- :mod:`.engine`: plain DP-SGD through ``PrivacyEngine.make_private`` with our samplers;
 - :mod:`.partition`: parameter blocks, per-record masks, and how a step is accounted;
 - :mod:`.aggregate`: mask, clip, sum, noise on all coordinates, divide by the declared batch size;
-- :mod:`.train`: :func:`train_dpsgd`, the run with its directory and ledger.
+- :mod:`.train`: :func:`private_step` and :func:`train_dpsgd`, the run with its directory and
+  ledger.
 """
 
-from asymflow.dpsgd.aggregate import noisy_gradient_sum, set_private_gradients
-from asymflow.dpsgd.engine import make_private_with_sampler, validate_model
+from asymflow.dpsgd.aggregate import noisy_gradient_sum, set_private_gradients, validate_model
 from asymflow.dpsgd.loader import EmptySafeCollate, make_sampler, private_loader
 from asymflow.dpsgd.opacus_accountant import AsymflowAccountant
 from asymflow.dpsgd.partition import (
@@ -31,7 +31,6 @@ __all__ = [
     "PartitionSpec",
     "StepAccounting",
     "calibrated_sigma",
-    "make_private_with_sampler",
     "make_sampler",
     "noisy_gradient_sum",
     "plan_partition",

@@ -18,6 +18,8 @@ the expected batch size kN/T (BIS) or qN (Poisson): those depend on the number N
 which add/remove DP does not treat as public (a neighbouring data set has N +- 1). Nor is it the
 realized |S|, which depends on which records are present. An empty batch still releases the
 noise, G = N(0, sigma^2 C^2 I), exactly as the accountant assumes.
+
+:func:`validate_model` refuses models whose g_i are not per-sample (BatchNorm).
 """
 
 from __future__ import annotations
@@ -26,11 +28,41 @@ import math
 from collections.abc import Sequence
 
 import torch
+from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
 from asymflow.dpsgd.partition import SHARED, PartitionPlan
 
-__all__ = ["check_positive", "clip_factors", "noisy_gradient_sum", "set_private_gradients"]
+__all__ = [
+    "check_positive",
+    "clip_factors",
+    "noisy_gradient_sum",
+    "set_private_gradients",
+    "validate_model",
+]
+
+
+def validate_model(module: nn.Module) -> None:
+    """Raise ``ValueError`` unless Opacus can compute exact per-sample gradients of ``module``.
+
+    BatchNorm is refused: it normalizes each sample with statistics of its batch, so one
+    record's gradient depends on the others and per-sample clipping bounds nothing. Use a
+    GroupNorm model (``norm="group"``; Wu & He, ECCV 2018).
+    """
+    errors = ModuleValidator.validate(module, strict=False)
+    if errors:
+        batchnorm = any("BatchNorm" in str(e) for e in errors)
+        hint = (
+            "BatchNorm mixes the samples of a batch, so per-sample gradients and their clipping "
+            "are undefined; build the model with norm='group' (GroupNorm). "
+            if batchnorm
+            else ""
+        )
+        details = "; ".join(str(e).split(".")[0] for e in errors)
+        raise ValueError(
+            f"module must be compatible with Opacus per-sample gradients: {hint}"
+            f"Opacus reports: {details}"
+        )
 
 
 def check_positive(name: str, value: float) -> float:

@@ -1,10 +1,10 @@
 """An Opacus accountant that accounts with our samplers' events, our accountants and our ledger.
 
-Opacus calls ``accountant.step(noise_multiplier=sigma, sample_rate=r)`` once per optimizer step,
-from ``DPOptimizer.pre_step`` after the noise has been added and before the underlying
-``optimizer.step()`` changes any parameter. Opacus's ``sample_rate`` is ``1/len(data_loader)``,
-which is meaningless for Balanced Iteration Subsampling; this adapter ignores it and accounts the
-sampler it was built with:
+``accountant.step(noise_multiplier=sigma, sample_rate=r)`` is called once per optimizer step,
+after the noise has been added and before ``optimizer.step()`` changes any parameter (by
+:func:`asymflow.dpsgd.train.private_step`, or by Opacus's ``DPOptimizer.pre_step``). Opacus's
+``sample_rate`` is ``1/len(data_loader)``, which is meaningless for Balanced Iteration
+Subsampling; this adapter ignores it and accounts the sampler it was built with:
 
 - ``BalancedIterationSampler`` BIS(k, T): one ``BalancedSampled(k, T, step_event(sigma))`` per
   pass of T steps (Dong, Chen, Ozgur, ICML 2025; random allocation, Feldman & Shenfeld 2025),
@@ -24,16 +24,23 @@ our sampler's rate (q, or k/T); :meth:`get_epsilon` recomputes epsilon with
 :func:`asymflow.accounting.best_epsilon` from the recorded BIS passes (a started pass counts in
 full, as in the ledger) or from the Poisson steps taken.
 
-Opacus 1.6 only takes an accountant *name* (``PrivacyEngine(accountant="rdp")``) and builds it
-without arguments. To use this one, assign it before ``make_private``, which attaches the step
-hook of ``privacy_engine.accountant``::
+Being an ``IAccountant``, the accountant also plugs into a stock Opacus loop (a
+documented adapter, not used by the package; plain DP-SGD only, since ``DPOptimizer`` cannot
+mask per record). Opacus 1.6 builds accountants by name only, so assign this one before
+``make_private``, which attaches the step hook of ``privacy_engine.accountant``; keep our
+sampler's batches; and make ``DPOptimizer`` divide the noisy sum by a declared batch size B::
 
     engine = PrivacyEngine()
     engine.accountant = AsymflowAccountant(sampler, ledger=ledger)
-    model, optimizer, loader = engine.make_private(..., poisson_sampling=False)
+    model, optimizer, loader = engine.make_private(
+        ..., data_loader=private_loader(dataset, sampler), poisson_sampling=False
+    )
+    optimizer.expected_batch_size = B
 
-(:func:`asymflow.dpsgd.engine.make_private_with_sampler` does this and also fixes Opacus's
-``expected_batch_size``.)
+``make_private`` would set ``int(N / len(loader))``: N/T for BIS, wrong by a factor k, and a
+function of the record count N, which add/remove DP does not treat as public. With B declared,
+the division is post-processing of the Gaussian sum, as in ``private_step``
+(bench/dpsgd_paths.py runs this loop against ``private_step``).
 """
 
 from __future__ import annotations

@@ -15,8 +15,11 @@ One step (Abadi et al., CCS 2016, Alg. 1; Dong, Chen, Ozgur, ICML 2025, Sec. 3 f
 5. ``optimizer.step()`` applies the update.
 
 The plain and the partitioned cases run the same code; plain DP-SGD is the plan with one block.
-Opacus's ``DPOptimizer`` is not used here (it cannot mask per record); see
-:mod:`asymflow.dpsgd.engine` for plain DP-SGD through ``PrivacyEngine.make_private``.
+This is the only DP-SGD step of the package. Opacus's ``DPOptimizer`` is not used: it is the
+same mechanism for plain DP-SGD (same sigma, C, sum sensitivity, divisor once its
+``expected_batch_size`` is set to B; same speed and accuracy, bench/dpsgd_paths.py), but it
+cannot mask per record without rewriting ``p.grad_sample`` behind its back, nor clip a shared
+part to its own C_shared, and :mod:`asymflow.audit.canary` audits this aggregation.
 ``sigma`` comes from the config or from :func:`asymflow.accounting.noise_for_epsilon` on the
 exact schedule (see :func:`asymflow.dpsgd.partition.step_accounting` for the events).
 
@@ -61,8 +64,7 @@ from asymflow.accounting.best import EpsilonReport, best_epsilon
 from asymflow.accounting.calibrate import noise_for_epsilon
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.data import load_data
-from asymflow.dpsgd.aggregate import set_private_gradients
-from asymflow.dpsgd.engine import validate_model
+from asymflow.dpsgd.aggregate import set_private_gradients, validate_model
 from asymflow.dpsgd.loader import make_sampler, private_loader
 from asymflow.dpsgd.opacus_accountant import AsymflowAccountant
 from asymflow.dpsgd.partition import PartitionPlan, StepAccounting, plan_partition, step_accounting

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from asymflow.data.dataset import TensorImageDataset
-from asymflow.dpsgd.engine import validate_model
+from asymflow.dpsgd.aggregate import validate_model
 from asymflow.dpsgd.partition import PartitionPlan, plan_partition
 from asymflow.federated.config import FederatedConfig
 from asymflow.models import build_model

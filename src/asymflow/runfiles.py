@@ -5,7 +5,7 @@
 - :func:`append_metrics` / :func:`read_metrics` / :func:`write_metrics`: ``metrics.jsonl``,
   one fsynced JSON object a line; a torn (undecodable) line is skipped on reading;
 - :func:`read_config` / :func:`write_config`: ``config.json`` through a config's
-  ``to_dict`` / ``from_dict``;
+  ``to_dict`` / ``from_dict``; :func:`check_resumable`: whether a run directory may be continued;
 - :func:`check_int`, :func:`check_number`, :func:`check_choice` (and Delta's
   :func:`check_bounded_number`): field validators raising ``ValueError`` with the messages
   the configs have always used.
@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 __all__ = [
     "CONFIG_FILE",
     "METRICS_FILE",
+    "SAMPLING_NOISE_SEEDS",
     "append_metrics",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -33,6 +34,7 @@ __all__ = [
     "check_int",
     "check_noise",
     "check_number",
+    "check_resumable",
     "config_from_dict",
     "config_to_dict",
     "read_config",
@@ -43,6 +45,8 @@ __all__ = [
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+SAMPLING_NOISE_SEEDS = ("sampler_seed", "noise_seed")
+"""The seed pair of the DP-SGD and federated configs that a resume needs both or neither of."""
 
 T = TypeVar("T")
 
@@ -157,6 +161,45 @@ def read_config(run_dir: str | os.PathLike[str], from_dict: Callable[[Mapping[st
     if not path.is_file():
         raise FileNotFoundError(f"run_dir must hold a {CONFIG_FILE}, got run_dir={str(run_dir)!r}")
     return from_dict(json.loads(path.read_text()))
+
+
+def check_resumable(
+    run_dir: Path, config: _ToDict, resume: bool, *, seed_pair: tuple[str, str] | None = None
+) -> bool:
+    """Whether ``run_dir`` holds a run to continue with ``config``.
+
+    Refuses an existing run unless ``resume``, and a ``config.json`` that differs from
+    ``config`` (naming the fields). With ``seed_pair = (sampling, noise)``, a resume with only
+    one of those two config fields fixed is refused too: the redone step would reuse its
+    sampling with fresh noise (a second release of the same batch that no row bounds as
+    independent), or its noise on fresh sampling (a noise draw used twice).
+    """
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return False
+    if not resume:
+        raise FileExistsError(
+            f"run_dir already holds a run ({run_dir}); pass resume=True or use a new directory"
+        )
+    stored, given = json.loads(path.read_text()), config.to_dict()
+    differ = sorted(k for k in given.keys() | stored.keys() if stored.get(k) != _json(given.get(k)))
+    if differ:
+        raise ValueError(
+            f"config must equal the run's {CONFIG_FILE} to resume; differing fields: {differ}"
+        )
+    if seed_pair is not None:
+        sampling, noise = (given[name] for name in seed_pair)
+        if (sampling is None) != (noise is None):
+            raise ValueError(
+                f"{seed_pair[0]} and {seed_pair[1]} must both be set or both be None to "
+                f"resume, got {seed_pair[0]}={sampling}, {seed_pair[1]}={noise}"
+            )
+    return True
+
+
+def _json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples as lists)."""
+    return json.loads(json.dumps(value))
 
 
 def _metrics_line(row: Mapping[str, Any]) -> str:

@@ -252,3 +252,16 @@ def test_resume_with_a_different_config_is_refused_naming_the_fields(tmp_path: P
     with pytest.raises(FileExistsError, match="pass resume=True"):
         train_dpsgd(config, run, progress=False)
     assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+@pytest.mark.parametrize("fixed", ["sampler_seed", "noise_seed"])
+def test_resume_with_only_one_seed_fixed_is_refused(tmp_path: Path, fixed: str) -> None:
+    # A redone epoch would reuse its batches with fresh noise, or its noise on fresh batches.
+    unfixed = "noise_seed" if fixed == "sampler_seed" else "sampler_seed"
+    config = DpsgdConfig(sampler="balanced", sigma=1.5, **{**TINY, unfixed: None})
+    run = tmp_path / "run"
+    run.mkdir()
+    write_config(run, config)
+    with pytest.raises(ValueError, match="sampler_seed and noise_seed must both be set or both"):
+        train_dpsgd(config, run, progress=False, resume=True)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]

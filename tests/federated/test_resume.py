@@ -20,6 +20,7 @@ from asymflow.federated.config import FederatedConfig
 from asymflow.federated.privacy import block_event
 from asymflow.federated.runs import FINAL_CHECKPOINT, latest_round, read_metrics
 from asymflow.federated.server_app import serve
+from asymflow.runfiles import SAMPLING_NOISE_SEEDS
 from tests.federated.direct import DirectGrid, set_task_identity
 
 NODES = [907, 13, 450, 77]
@@ -103,7 +104,7 @@ def test_resume_refuses_another_config_and_half_fixed_seeds(tmp_path: Path) -> N
     half = replace(BASE, noise_seed=None)
     runs.atomic_write_json(tmp_path / "config.json", half.to_dict())
     with pytest.raises(ValueError, match=r"differing fields: \['noise_seed'\]"):
-        runs.check_resumable(tmp_path, BASE, True)
+        runs.check_resumable(tmp_path, BASE, True, seed_pair=SAMPLING_NOISE_SEEDS)
     with pytest.raises(ValueError, match="sampler_seed and noise_seed must both be set"):
-        runs.check_resumable(tmp_path, half, True)
+        runs.check_resumable(tmp_path, half, True, seed_pair=SAMPLING_NOISE_SEEDS)
     assert runs.check_resumable(tmp_path / "new", half, True) is False

@@ -97,6 +97,7 @@ from asymflow.delta.runs import (
 )
 from asymflow.delta.sanitize import Release, SanitizedResidual, Sanitizer
 from asymflow.models import Backbone, build_private_model, count_macs, original_model, public_model
+from asymflow.runfiles import check_resumable
 from asymflow.threads import torch_threads
 
 __all__ = [
@@ -1249,17 +1250,7 @@ def train_delta(
         raise TypeError(f"config must be a DeltaConfig, got {type(config).__name__}")
     run_dir = Path(run_dir)
     began = time.perf_counter()
-    if (run_dir / CONFIG_FILE).exists():
-        if not resume:
-            raise FileExistsError(
-                f"run_dir already holds a run ({run_dir}); pass resume=True or use a new directory"
-            )
-        stored = read_config(run_dir)
-        if stored != config:
-            raise ValueError(
-                f"config must equal the run's {CONFIG_FILE} to resume; differing fields: "
-                f"{sorted(k for k, v in stored.to_dict().items() if config.to_dict()[k] != v)}"
-            )
+    check_resumable(run_dir, config, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, config)
     with torch_threads(config.threads), _Bars(progress, run_dir.name or config.variant) as bars:

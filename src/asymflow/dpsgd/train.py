@@ -76,12 +76,12 @@ from asymflow.dpsgd.runs import (
     atomic_write_json,
     latest_checkpoint,
     load_checkpoint,
-    read_config,
     read_metrics,
     save_checkpoint,
     truncate_metrics,
 )
 from asymflow.models import build_model
+from asymflow.runfiles import SAMPLING_NOISE_SEEDS, check_resumable
 from asymflow.threads import torch_threads
 
 __all__ = ["DpsgdResult", "calibrated_sigma", "private_step", "train_dpsgd"]
@@ -279,22 +279,6 @@ def _spent(ledger: PrivacyLedger, config: DpsgdConfig) -> EpsilonReport:
     return best_epsilon(ledger.composed_event(dataset=config.data), config.delta, config.methods)
 
 
-def _check_resumable(run_path: Path, config: DpsgdConfig, resume: bool) -> None:
-    """Refuse an existing run unless ``resume`` and its ``config.json`` equals ``config``."""
-    if not (run_path / CONFIG_FILE).exists():
-        return
-    if not resume:
-        raise FileExistsError(
-            f"run_dir already holds a run ({run_path}); pass resume=True or use a new directory"
-        )
-    stored, given = read_config(run_path).to_dict(), config.to_dict()
-    differ = sorted(name for name, value in stored.items() if given[name] != value)
-    if differ:
-        raise ValueError(
-            f"config must equal the run's {CONFIG_FILE} to resume; differing fields: {differ}"
-        )
-
-
 def train_dpsgd(
     config: DpsgdConfig,
     run_dir: str | os.PathLike[str],
@@ -314,7 +298,7 @@ def train_dpsgd(
     if not isinstance(config, DpsgdConfig):
         raise TypeError(f"config must be a DpsgdConfig, got {type(config).__name__}")
     run_path = Path(run_dir)
-    _check_resumable(run_path, config, resume)
+    check_resumable(run_path, config, resume, seed_pair=SAMPLING_NOISE_SEEDS)
     began = time.perf_counter()
     with torch_threads(config.threads):
         data = load_data(config.data, progress=progress)

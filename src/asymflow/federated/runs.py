@@ -34,6 +34,7 @@ from asymflow.runfiles import (
     append_metrics,
     atomic_write_bytes,
     atomic_write_json,
+    check_resumable,
     read_metrics,
     write_metrics,
 )
@@ -123,31 +124,6 @@ def save_final_model(
     path = run_dir / FINAL_CHECKPOINT
     atomic_write_bytes(path, buffer.getvalue())
     return path
-
-
-def check_resumable(run_dir: Path, config: FederatedConfig, resume: bool) -> bool:
-    """Whether ``run_dir`` holds a run to continue: refuses an existing run unless ``resume``,
-    a different ``config.json``, and a resume with only one of the two seeds fixed (a redone
-    round would then reuse the sampling with fresh noise, or the noise with fresh sampling,
-    which no new ledger row bounds)."""
-    if not (run_dir / CONFIG_FILE).exists():
-        return False
-    if not resume:
-        raise FileExistsError(
-            f"run_dir already holds a run ({run_dir}); pass resume=True or use a new directory"
-        )
-    stored, given = read_config(run_dir).to_dict(), config.to_dict()
-    differ = sorted(name for name, value in stored.items() if given[name] != value)
-    if differ:
-        raise ValueError(
-            f"config must equal the run's {CONFIG_FILE} to resume; differing fields: {differ}"
-        )
-    if (config.sampler_seed is None) != (config.noise_seed is None):
-        raise ValueError(
-            "sampler_seed and noise_seed must both be set or both be None to resume, got "
-            f"sampler_seed={config.sampler_seed}, noise_seed={config.noise_seed}"
-        )
-    return True
 
 
 def save_round(

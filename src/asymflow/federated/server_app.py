@@ -78,6 +78,7 @@ from asymflow.federated.runs import (
 )
 from asymflow.federated.selection import ClientSelector
 from asymflow.federated.strategy import ClientLevelDp, arrays_to_weights, weights_to_arrays
+from asymflow.runfiles import SAMPLING_NOISE_SEEDS
 
 __all__ = [
     "RESUME_KEY",
@@ -124,7 +125,7 @@ def serve(
     """Run ``config`` on ``grid`` into ``run_dir`` and return the summary (module docstring)."""
     began = time.perf_counter()
     run_path = Path(run_dir)
-    resuming = check_resumable(run_path, config, resume)
+    resuming = check_resumable(run_path, config, resume, seed_pair=SAMPLING_NOISE_SEEDS)
     if resuming and (run_path / RESULT_FILE).is_file():
         return read_result(run_path)
     run_path.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from flwr.supercore.run import Run
 
 from asymflow.federated.config import FederatedConfig
 from asymflow.federated.runs import RESULT_FILE, FederatedResult, check_resumable, read_result
+from asymflow.runfiles import SAMPLING_NOISE_SEEDS
 
 __all__ = ["SimulationStoppedError", "StoppableGrid", "backend_config", "run_federated"]
 
@@ -184,7 +185,8 @@ def run_federated(
     if not isinstance(config, FederatedConfig):
         raise TypeError(f"config must be a FederatedConfig, got {type(config).__name__}")
     run_path = Path(run_dir)
-    if check_resumable(run_path, config, resume) and (run_path / RESULT_FILE).is_file():
+    resuming = check_resumable(run_path, config, resume, seed_pair=SAMPLING_NOISE_SEEDS)
+    if resuming and (run_path / RESULT_FILE).is_file():
         return read_result(run_path)
     from flwr.simulation import run_simulation
 

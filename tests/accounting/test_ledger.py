@@ -129,6 +129,8 @@ def test_mark_released_is_informational_and_idempotent(tmp_path: Path) -> None:
         assert ledger.composed_event() == before
         with pytest.raises(ValueError, match="row_id must name an existing ledger row"):
             ledger.mark_released(row + 100)
+        # The mark's commit skips its fsync; every row is still recorded with synchronous=FULL.
+        assert ledger._connection().execute("PRAGMA synchronous").fetchone()[0] == 2
 
 
 # --- Scopes ---------------------------------------------------------------------------------

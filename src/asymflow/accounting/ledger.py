@@ -261,22 +261,28 @@ class PrivacyLedger:
     def mark_released(self, row_id: int) -> None:
         """Set row ``row_id`` from ``"pending"`` to ``"released"`` (idempotent).
 
-        For information only: it does not change any epsilon.
+        For information only: it does not change any epsilon. So its commit skips the fsync
+        (``synchronous=NORMAL`` for this one transaction; the next recorded row's fsync makes
+        it durable): a crash can at worst show a released row as pending, which counts the same.
         """
         if isinstance(row_id, bool) or not isinstance(row_id, int):
             raise TypeError(f"row_id must be an integer, got {row_id!r}")
         conn = self._connection()
-        with _write_transaction(conn):
-            cursor = conn.execute(
-                "UPDATE events SET status = ? WHERE id = ? AND status = ?",
-                (RELEASED, row_id, PENDING),
-            )
-            if cursor.rowcount == 0:
-                exists = conn.execute("SELECT 1 FROM events WHERE id = ?", (row_id,)).fetchone()
-                if exists is None:
-                    raise ValueError(
-                        f"row_id must name an existing ledger row, got row_id={row_id}"
-                    )
+        conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            with _write_transaction(conn):
+                cursor = conn.execute(
+                    "UPDATE events SET status = ? WHERE id = ? AND status = ?",
+                    (RELEASED, row_id, PENDING),
+                )
+                if cursor.rowcount == 0:
+                    found = conn.execute("SELECT 1 FROM events WHERE id = ?", (row_id,)).fetchone()
+                    if found is None:
+                        raise ValueError(
+                            f"row_id must name an existing ledger row, got row_id={row_id}"
+                        )
+        finally:
+            conn.execute("PRAGMA synchronous = FULL")
 
     def _select(
         self, dataset: str | None, scope: str | None

@@ -86,7 +86,10 @@ DEFAULT_MAX_HELD_BYTES = 4 << 30
 MAX_MODELS_PER_SESSION = 16
 MAX_PENDING_UPLOADS = 8
 PENDING_UPLOAD_SECONDS = 3600.0
-KEEP_COMPLETED = 4096
+KEEP_COMPLETED = 256
+"""Completed requests remembered per session (replies of retried request ids). A client runs
+its session's calls one at a time and retries only the call in flight, so the last few are
+what matter; a small bound keeps a long session's memory and snapshot size flat."""
 SNAPSHOT_PREFIX = "session-"
 SNAPSHOT_SUFFIX = ".afs"
 

@@ -1,6 +1,6 @@
 """Wall time of Delta's private side against the original network run entirely in private.
 
-    python bench/delta_cost.py              # digits and CIFAR, batch 1/64/256 (1 thread; ~1 min idle)
+    python bench/delta_cost.py              # digits and CIFAR, batch 1/64/256 (~1 min idle)
     python bench/delta_cost.py --quick      # fewer repeats, a smoke test (~2 min)
     python bench/delta_cost.py --profile    # torch.profiler table of one private step first
 

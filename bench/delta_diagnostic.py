@@ -47,7 +47,6 @@ from torch.nn import functional
 
 from asymflow.delta.infer import load_system
 from asymflow.delta.private import PrivateModel, ResidualWeight
-from asymflow.delta.public import cosine_lr
 from asymflow.delta.runs import DeltaConfig
 from asymflow.delta.train import (
     build_public_factory,
@@ -57,6 +56,7 @@ from asymflow.delta.train import (
     stage2_views,
     train_delta,
 )
+from asymflow.public.local import cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpg"

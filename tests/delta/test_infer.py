@@ -13,9 +13,9 @@ import torch
 from asymflow.accounting.events import Gaussian
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.data import load_data
+from asymflow.delta.contract import ensemble_logits
 from asymflow.delta.infer import evaluate_run, infer, load_system
 from asymflow.delta.private import SignQuantizer, calibrated_sigma
-from asymflow.delta.public import ensemble_logits
 from asymflow.delta.sanitize import SanitizedResidual
 from asymflow.delta.train import fork_stage1, read_result, train_delta
 

@@ -11,6 +11,7 @@ import torch
 from dp_accounting import dp_event, pld
 
 from asymflow.accounting.events import Gaussian
+from asymflow.delta.contract import StepwisePublicSide
 from asymflow.delta.label_steps import (
     check_stepwise,
     label_gradient_releases,
@@ -23,7 +24,7 @@ from asymflow.delta.labels import (
     clear_labels,
     noisy_label_gradients,
 )
-from asymflow.delta.public import LocalPublic, StepwisePublicSide
+from asymflow.public.local import LocalPublic
 from tests.delta.test_public import separable_bits, tiny_model
 
 

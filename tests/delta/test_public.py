@@ -10,16 +10,10 @@ import torch
 from torch import nn
 
 from asymflow.accounting.events import Gaussian, NonPrivate
+from asymflow.delta.contract import PublicSide, check_payload
 from asymflow.delta.labels import NoisyLabels, clear_labels, randomized_response
-from asymflow.delta.public import (
-    LocalPublic,
-    PublicSide,
-    check_payload,
-    cosine_lr,
-    forward_corrected_loss,
-    rr_log_transition,
-)
 from asymflow.delta.sanitize import SanitizedResidual
+from asymflow.public.local import LocalPublic, cosine_lr, forward_corrected_loss, rr_log_transition
 
 SHAPE = (2, 4, 4)
 

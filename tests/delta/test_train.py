@@ -32,7 +32,6 @@ from asymflow.data import load_data
 from asymflow.delta.label_steps import label_gradient_releases, label_gradient_sigma
 from asymflow.delta.labels import NoisyLabelGradients, NoisyLabels, keep_probability
 from asymflow.delta.private import NO_NOISE, ResidualWeight, calibrated_sigma
-from asymflow.delta.public import LocalPublic
 from asymflow.delta.runs import (
     DeltaConfig,
     latest_checkpoint,
@@ -42,6 +41,7 @@ from asymflow.delta.runs import (
 )
 from asymflow.delta.sanitize import SanitizedResidual
 from asymflow.delta.train import build_public_factory, fork_stage1, read_result, train_delta
+from asymflow.public.local import LocalPublic
 from asymflow.report import run_demo
 
 SRC = Path(__file__).resolve().parents[2] / "src"

@@ -15,7 +15,7 @@ import torch
 from cryptography import x509
 
 from asymflow.accounting.events import Gaussian
-from asymflow.delta.public import PublicSide
+from asymflow.delta.contract import PublicSide
 from asymflow.delta.sanitize import SanitizedResidual
 from asymflow.transport import wire
 from asymflow.transport.auth import (

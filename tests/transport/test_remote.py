@@ -24,8 +24,8 @@ import torch
 from asymflow.accounting.events import Gaussian
 from asymflow.accounting.ledger import LEDGER_FILENAME, PrivacyLedger
 from asymflow.data import load_data
+from asymflow.delta.contract import dataset_id
 from asymflow.delta.infer import infer, load_system
-from asymflow.delta.public import dataset_id
 from asymflow.delta.runs import read_metrics
 from asymflow.delta.sanitize import SanitizedResidual
 from asymflow.delta.train import train_delta

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from asymflow.accounting.events import Gaussian, RandomizedResponse
+from asymflow.delta.contract import dataset_id
 from asymflow.delta.labels import NoisyLabelGradients, NoisyLabels
-from asymflow.delta.public import dataset_id
 from asymflow.delta.sanitize import SanitizedResidual
 from asymflow.transport import wire
 from asymflow.transport.server import PublicService, RefusedError

@@ -40,8 +40,8 @@ from torch.nn import functional
 
 from asymflow.audit.views import PublicViewer, ViewSpec
 from asymflow.delta.labels import NoisyLabels, clear_labels, randomized_response
-from asymflow.delta.public import LocalPublic
 from asymflow.models import public_model
+from asymflow.public.local import LocalPublic
 
 __all__ = [
     "AttackMetrics",

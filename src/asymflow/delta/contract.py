@@ -293,6 +293,21 @@ class TrainsWithArgs:
         raise NotImplementedError
 
 
+# ------------------------------------------------------------------------------ cross-fitting
+
+
+def fold_model_names(folds: int) -> tuple[str, ...]:
+    """Model names for ``folds``-fold cross-fitting: ``("res",)`` for 1, else fold0, fold1..."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+        raise ValueError(f"folds must be an integer >= 1, got folds={folds!r}")
+    return (DEFAULT_MODEL,) if folds == 1 else tuple(f"fold{k}" for k in range(folds))
+
+
+def ensemble_logits(public: PublicSide, data: SanitizedResidual, models: tuple[str, ...]) -> Tensor:
+    """Mean of the public models' logits: z_res at test time under cross-fitting."""
+    return torch.stack([public.logits(data, model=m) for m in models]).mean(0)
+
+
 # ------------------------------------------------------------------------------ the model
 
 
@@ -324,7 +339,7 @@ class TrainedPublic:
 
 def trained_public(run_dir: str | os.PathLike[str]) -> TrainedPublic:
     """:class:`TrainedPublic` of the run in ``run_dir``, from its config and last checkpoint."""
-    from asymflow.delta import runs  # runs -> public -> this module: import on use
+    from asymflow.delta import runs  # runs imports this module: import on use
 
     config = runs.read_config(run_dir)
     found = runs.latest_checkpoint(run_dir)

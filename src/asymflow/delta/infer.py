@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from asymflow.accounting.events import event_from_dict
 from asymflow.accounting.ledger import PrivacyLedger
+from asymflow.delta.contract import PublicSide, ensemble_logits
 from asymflow.delta.private import PrivateModel, ReleaseMechanism, mechanism_for_event
-from asymflow.delta.public import LocalPublic, PublicSide, ensemble_logits
 from asymflow.delta.runs import (
     DeltaConfig,
     latest_checkpoint,
@@ -41,6 +41,7 @@ from asymflow.delta.train import (
     load_run_data,
     payload_view,
 )
+from asymflow.public.local import LocalPublic
 
 __all__ = ["DeltaSystem", "evaluate_run", "infer", "load_system"]
 

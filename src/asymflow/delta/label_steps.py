@@ -22,7 +22,7 @@ from torch.nn import functional
 from asymflow.delta.contract import StepwisePublicSide, TrainArgs
 from asymflow.delta.labels import noisy_label_gradients
 from asymflow.delta.private import calibrated_sigma
-from asymflow.delta.public import cosine_lr
+from asymflow.public.local import cosine_lr
 
 
 def check_stepwise(public: object) -> StepwisePublicSide:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from asymflow.delta.public import fold_model_names
+from asymflow.delta.contract import fold_model_names
 from asymflow.models import DEMO_PRIVATE_RANKS, DEMO_PRIVATE_WIDTHS
 from asymflow.models.resnet import ARCHS
 from asymflow.runfiles import (

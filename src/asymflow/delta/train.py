@@ -55,6 +55,7 @@ from torch.nn import functional
 from asymflow.accounting.events import Gaussian, NonPrivate, event_from_dict
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.data import ImageData, TensorImageDataset, augment_batch, load_data, load_digits
+from asymflow.delta.contract import PublicSide, ensemble_logits
 from asymflow.delta.label_steps import (
     check_stepwise,
     label_gradient_releases,
@@ -72,7 +73,6 @@ from asymflow.delta.private import (
     release_chunk_rows,
     release_tensors,
 )
-from asymflow.delta.public import LocalPublic, PublicSide, ensemble_logits
 from asymflow.delta.runs import (
     CONFIG_FILE,
     PREVIEW_FILE,
@@ -97,6 +97,7 @@ from asymflow.delta.runs import (
 )
 from asymflow.delta.sanitize import Release, SanitizedResidual, Sanitizer
 from asymflow.models import Backbone, build_private_model, count_macs, original_model, public_model
+from asymflow.public.local import LocalPublic
 from asymflow.runfiles import check_resumable
 from asymflow.threads import torch_threads
 

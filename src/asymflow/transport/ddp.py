@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from asymflow.accounting.events import event_from_dict
 from asymflow.delta.contract import NoisyLabels, SanitizedResidual, TrainArgs
-from asymflow.delta.public import LocalPublic
+from asymflow.public.local import LocalPublic
 from asymflow.transport.spec import PublicSpec
 
 WORKER = "asymflow.transport.ddp"

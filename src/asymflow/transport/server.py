@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from asymflow.delta.contract import WIRE_VERSION, NoisyLabels, SanitizedResidual
-from asymflow.delta.public import LocalPublic
+from asymflow.public.local import LocalPublic
 from asymflow.transport import wire
 from asymflow.transport.auth import (
     BearerTokenInterceptor,

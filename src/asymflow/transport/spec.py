@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from asymflow.delta.contract import PublicConfig
-from asymflow.delta.public import LocalPublic
 from asymflow.models import public_model
 from asymflow.models.resnet import ARCHS
+from asymflow.public.local import LocalPublic
 
 MAX_CLASSES = 1 << 16
 """Largest number of classes a spec may declare."""

@@ -1,11 +1,13 @@
-"""The public side of Delta: the only interface from the private environment to the untrusted one.
+"""The public environment's M_res, in process: :class:`LocalPublic`.
 
 The private side hands over sanitized residuals (:class:`SanitizedResidual`: clipped, noised,
 1-bit, with their privacy event) and label-DP payloads (:class:`NoisyLabels`); nothing else
-is accepted (:mod:`asymflow.delta.contract`). :class:`LocalPublic` trains M_res on its own (no
-per-step round trip) and returns logits z_res, which the private side adds to z_main (Niu et
-al., CVPR 2024, arXiv 2312.05264, Sec. 3.4; DESIGN.md sec. 3). A gRPC server hosts the same
-class behind the same :class:`PublicSide` protocol.
+is accepted (:mod:`asymflow.delta.contract`, the only module of the private side this one
+imports). :class:`LocalPublic` trains M_res on its own (no per-step round trip) and returns
+logits z_res, which the private side adds to z_main (Niu et al., CVPR 2024, arXiv 2312.05264,
+Sec. 3.4; DESIGN.md sec. 3). ``train_delta`` runs it in process; the gRPC server
+(:mod:`asymflow.transport.server`) hosts the same class behind the same :class:`PublicSide`
+protocol.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from asymflow.delta.contract import (
     DEFAULT_MODEL,
     NoisyLabelGradients,
     NoisyLabels,
-    PublicSide,
     SanitizedResidual,
     StepwisePublicSide,
     TrainArgs,
@@ -36,18 +37,6 @@ from asymflow.delta.contract import (
     dataset_id,
     keep_probability,
 )
-
-
-def fold_model_names(folds: int) -> tuple[str, ...]:
-    """Model names for ``folds``-fold cross-fitting: ``("res",)`` for 1, else fold0, fold1..."""
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
-        raise ValueError(f"folds must be an integer >= 1, got folds={folds!r}")
-    return (DEFAULT_MODEL,) if folds == 1 else tuple(f"fold{k}" for k in range(folds))
-
-
-def ensemble_logits(public: PublicSide, data: SanitizedResidual, models: tuple[str, ...]) -> Tensor:
-    """Mean of the public models' logits: z_res at test time under cross-fitting."""
-    return torch.stack([public.logits(data, model=m) for m in models]).mean(0)
 
 
 def cosine_lr(lr: float, step: int, total: int) -> float:

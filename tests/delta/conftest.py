@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 
 from asymflow.delta.runs import DeltaConfig
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread per test: the tensors are tiny and the runner's 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from tests.fixtures import one_torch_thread  # noqa: F401 (autouse)
 
 
 def tiny_config(**changes: Any) -> DeltaConfig:

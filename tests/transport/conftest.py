@@ -13,27 +13,16 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from asymflow.transport.auth import KeyFiles, keygen
+from tests.fixtures import one_torch_thread  # noqa: F401 (autouse)
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 START_TIMEOUT = 90.0
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread per test: the models are tiny and the runner's 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import re
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -30,6 +31,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.table import Table
 
 # ------------------------------------------------------------------------------------ errors
 
@@ -208,6 +210,26 @@ def jsonable(obj: Any) -> Any:
 def emit_json(payload: dict[str, Any]) -> None:
     """Print exactly one JSON object on stdout."""
     typer.echo(json.dumps(jsonable(payload), indent=2, allow_nan=False))
+
+
+def show_run(
+    out: Path, result: dict[str, Any], json_out: bool, cells: Mapping[str, str], title: str
+) -> None:
+    """A finished training run: ``result`` as JSON, or a one-row table of ``cells`` (column ->
+    value) under ``title``, the accounting line and where the run and its ledger are."""
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=title, title_justify="left")
+    for column in cells:
+        table.add_column(column, justify="right")
+    table.add_row(*cells.values())
+    console = out_console()
+    console.print(table)
+    console.print(f"accounting: {result['accounting']}", style="dim")
+    console.print(
+        f"wrote {out}; inspect the releases with 'asymflow ledger show {out}'", soft_wrap=True
+    )
 
 
 def fmt(value: float | str | None) -> str:

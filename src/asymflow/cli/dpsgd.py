@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from asymflow.accounting.best import DEFAULT_METHODS
 from asymflow.cli.common import (
@@ -21,10 +20,9 @@ from asymflow.cli.common import (
     JsonOpt,
     check_choice,
     check_training_noise,
-    emit_json,
     errors,
     fmt,
-    out_console,
+    show_run,
 )
 from asymflow.cli.options import OutOpt, ResumeOpt, config_command, option_names, run_config
 
@@ -73,13 +71,19 @@ def dpsgd_train(
             out, resume, given, new=lambda: _new_config(given), read=read_config, options=options
         )
         result = train_dpsgd(config, out, progress=True, resume=resume).to_dict()
-    if json_out:
-        emit_json(result)
-        return
-    _print_result(config.data, config.model, config.sampler, config.k, result)
-    out_console().print(
-        f"wrote {out}; inspect the releases with 'asymflow ledger show {out}'", soft_wrap=True
-    )
+    steps = result["steps_per_epoch"]
+    rate = f"k={config.k} of T={steps}" if config.sampler == "balanced" else f"T={steps} steps"
+    cells = {
+        "test acc": f"{100 * result['test_acc']:.1f}%",
+        f"ε spent at δ={result['delta']:g}": f"{fmt(result['epsilon'])} ({result['method']}, "
+        "certified)",
+        "σ": f"{result['sigma']:.4g}" + (" (calibrated)" if result["calibrated"] else ""),
+        "expected batch": f"{result['expected_batch_size']:.4g}",
+        "blocks": str(len(result["partition"]["blocks"])),
+        "time (s)": f"{result['seconds']:.1f}",
+    }
+    title = f"DP-SGD {config.model} on {config.data}: {config.sampler} ({rate}), "
+    show_run(out, result, json_out, cells, title + f"{result['epochs']} epoch(s)")
 
 
 def _new_config(given: dict[str, Any]) -> DpsgdConfig:
@@ -93,33 +97,3 @@ def _new_config(given: dict[str, Any]) -> DpsgdConfig:
     from asymflow.dpsgd.runs import DpsgdConfig
 
     return DpsgdConfig(**given)
-
-
-def _print_result(data: str, model: str, sampler: str, k: int, result: dict[str, Any]) -> None:
-    steps = result["steps_per_epoch"]
-    rate = f"k={k} of T={steps}" if sampler == "balanced" else f"T={steps} steps"
-    table = Table(
-        title=f"DP-SGD {model} on {data}: {sampler} ({rate}), {result['epochs']} epoch(s)",
-        title_justify="left",
-    )
-    columns = (
-        "test acc",
-        f"ε spent at δ={result['delta']:g}",
-        "σ",
-        "expected batch",
-        "blocks",
-        "time (s)",
-    )
-    for column in columns:
-        table.add_column(column, justify="right")
-    table.add_row(
-        f"{100 * result['test_acc']:.1f}%",
-        f"{fmt(result['epsilon'])} ({result['method']}, certified)",
-        f"{result['sigma']:.4g}" + (" (calibrated)" if result["calibrated"] else ""),
-        f"{result['expected_batch_size']:.4g}",
-        str(len(result["partition"]["blocks"])),
-        f"{result['seconds']:.1f}",
-    )
-    console = out_console()
-    console.print(table)
-    console.print(f"accounting: {result['accounting']}", style="dim")

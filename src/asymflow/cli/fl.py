@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from asymflow.cli.common import (
     DATA_HINTS,
@@ -23,6 +22,7 @@ from asymflow.cli.common import (
     errors,
     fmt,
     out_console,
+    show_run,
 )
 from asymflow.cli.options import OutOpt, ResumeOpt, config_command, option_names, run_config
 
@@ -77,12 +77,22 @@ def fl_run(
             out, resume, given, new=lambda: _new_config(given), read=read_config, options=options
         )
         result = run_federated(config, out, progress=True, resume=resume).to_dict()
-    if json_out:
-        emit_json(result)
-        return
-    _print_result(config.model, config.data, result)
-    out_console().print(
-        f"wrote {out}; inspect the releases with 'asymflow ledger show {out}'", soft_wrap=True
+    cells = {
+        f"client-level ε at δ={result['delta']:g}": f"{fmt(result['epsilon'])} "
+        f"({result['method']}, certified)",
+        "σ": f"{result['sigma']:.4g}" + (" (calibrated)" if result["calibrated"] else ""),
+        "test acc": f"{100 * result['test_acc']:.1f}%",
+        "rounds": str(result["rounds"]),
+        "expected clients": f"{result['expected_clients']:.4g}",
+        "time (s)": f"{result['seconds']:.1f}",
+    }
+    title = f"Federated {config.model} on {config.data}: {result['clients']} clients, "
+    show_run(
+        out,
+        result,
+        json_out,
+        cells,
+        title + f"{result['sampler']} sampling, subnetwork {result['subnetwork']}",
     )
 
 
@@ -130,32 +140,3 @@ def fl_app(
     console = out_console()
     for line in lines:
         console.print(line, soft_wrap=True, markup=False, highlight=False)
-
-
-def _print_result(model: str, data: str, result: dict[str, Any]) -> None:
-    table = Table(
-        title=f"Federated {model} on {data}: {result['clients']} clients, {result['sampler']} "
-        f"sampling, subnetwork {result['subnetwork']}",
-        title_justify="left",
-    )
-    columns = (
-        f"client-level ε at δ={result['delta']:g}",
-        "σ",
-        "test acc",
-        "rounds",
-        "expected clients",
-        "time (s)",
-    )
-    for column in columns:
-        table.add_column(column, justify="right")
-    table.add_row(
-        f"{fmt(result['epsilon'])} ({result['method']}, certified)",
-        f"{result['sigma']:.4g}" + (" (calibrated)" if result["calibrated"] else ""),
-        f"{100 * result['test_acc']:.1f}%",
-        str(result["rounds"]),
-        f"{result['expected_clients']:.4g}",
-        f"{result['seconds']:.1f}",
-    )
-    console = out_console()
-    console.print(table)
-    console.print(f"accounting: {result['accounting']}", style="dim")

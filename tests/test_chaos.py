@@ -4,9 +4,9 @@ over-counts by exactly the work the kills cut (rows written, not checkpointed), 
 
 - ``dpsgd train``: killed twice (the second time while resuming), resumed in-process.
 - ``delta train``: killed twice the same way.
-- ``fl run``: the whole simulation (command, Ray and its actors) killed once after a random
-  delay, resumed in-process through the real ServerApp and ClientApp (DirectGrid), which
-  spares a second Ray start-up (tests/cli/test_fl_resume.py resumes through Ray).
+- ``fl run``: the whole simulation (command, Ray and its actors) killed twice the same way
+  (the second time while resuming through the CLI and Ray), then resumed in-process through
+  the real ServerApp and ClientApp (DirectGrid), which spares a third Ray start-up.
 - ``public serve``: the server (TLS, token, ``--state-dir``) killed twice at random points of
   a ``delta train --public`` session and restarted on the same address and state directory;
   the client process lives on, retries with the same request ids and must end as an
@@ -150,15 +150,23 @@ def test_delta_train_killed_twice_ends_as_an_uninterrupted_run(tmp_path: Path) -
     assert resumed.epsilon >= whole.epsilon
 
 
-def test_fl_run_killed_at_a_random_time_ends_as_an_uninterrupted_run(
+def test_fl_run_killed_twice_ends_as_an_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = tmp_path / "run"
     rng = random.Random(43)
-    kill_at(start(FL, run, "--json"), run, 2, rng.uniform(0.0, 1.0))  # after round 1
-    found = fl_runs.latest_round(run)
-    checkpointed = 0 if found is None else found[0]
-    cut = Counter(ledger_rows(run)[checkpointed:])  # Poisson: one row per round
+    cut: Counter[Row] = Counter()
+    done = 0
+    for extra in ((), ("--resume",)):
+        before = len(ledger_rows(run)) if run.exists() else 0
+        rows = len(read_metrics(run)) + 1  # a round further, then a random delay
+        kill_at(start(FL, run, "--json", *extra), run, rows, rng.uniform(0.0, 0.3))
+        found = fl_runs.latest_round(run)
+        checkpointed = 0 if found is None else found[0]
+        # Poisson: one row per round, written as it starts; the rounds this process started
+        # past its last checkpoint are the cut work.
+        cut.update(ledger_rows(run)[before + checkpointed - done :])
+        done = checkpointed
     set_task_identity(monkeypatch)
     config = fl_runs.read_config(run)
     resumed = serve(DirectGrid(client_app, [8, 2]), config, run, resume=True)

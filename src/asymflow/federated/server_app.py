@@ -182,8 +182,8 @@ def serve(
             task = bars.add_task("rounds", total=config.rounds, completed=done, info="")
 
             def evaluate(flower_round: int, arrays: Any) -> MetricRecord | None:
-                if flower_round == 0 and done > 0:
-                    return None  # the checkpoint's model, evaluated before the cut
+                if flower_round == 0 and metrics and metrics[-1]["round"] == done:
+                    return None  # the starting model, evaluated before the cut
                 server_round = done + flower_round
                 weights = arrays_to_weights(arrays)
                 load_weights(model, weights)

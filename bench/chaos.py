@@ -25,7 +25,8 @@ Each finished episode is compared with the uninterrupted reference of its comman
   row (a row written just before a kill whose release never reached its file is redone).
   ``public serve``: none at all, since the client never died;
 - **repeated releases**: over-count rows that the rule above does not explain (must be 0);
-- **same result**: the final model or result equals the reference's bit for bit.
+- **same result**: the final model and the metrics (each epoch's or round's test accuracy,
+  listed once), or Delta's result, equal the reference's bit for bit.
 
 "mid-work" counts the kills that landed after the killed process had written a ledger or
 metrics row (the server: after the session's first Train call had started); the others hit
@@ -64,7 +65,7 @@ from tests.test_chaos import DELTA, DPSGD, FL, PublicServe, Row, ledger_rows, st
 from asymflow.delta.train import read_result  # noqa: E402
 from asymflow.dpsgd import runs as dpsgd_runs  # noqa: E402
 from asymflow.federated import runs as fl_runs  # noqa: E402
-from asymflow.runfiles import METRICS_FILE  # noqa: E402
+from asymflow.runfiles import METRICS_FILE, read_metrics  # noqa: E402
 from asymflow.transport.auth import keygen  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -136,7 +137,8 @@ def checkpointed(command: str, run: Path) -> int:
 
 
 def same_final(command: str, run: Path, whole: Path) -> bool:
-    """The episode's final model (DP-SGD, federated) or result (Delta) equals the reference's."""
+    """The episode's final model and metrics (DP-SGD, federated) or result (Delta) equal the
+    reference's."""
     if command == "delta":
         mine, theirs = read_result(run), read_result(whole)
         return (mine["accuracy"], mine["final"]) == (theirs["accuracy"], theirs["final"])
@@ -146,7 +148,15 @@ def same_final(command: str, run: Path, whole: Path) -> bool:
         name = fl_runs.FINAL_CHECKPOINT
     mine = torch.load(run / name, weights_only=True)["model"]
     theirs = torch.load(whole / name, weights_only=True)["model"]
-    return mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in theirs)
+    same_model = mine.keys() == theirs.keys() and all(
+        torch.equal(mine[n], theirs[n]) for n in theirs
+    )
+    return same_model and accuracies(run) == accuracies(whole)
+
+
+def accuracies(run: Path) -> list[tuple[int, float]]:
+    """The (epoch or round, test accuracy) rows of ``run``'s metrics, each listed once."""
+    return [(m.get("epoch", m.get("round")), m["test_acc"]) for m in read_metrics(run)]
 
 
 def episode(

@@ -1,20 +1,16 @@
-"""Run-directory files and config validators shared by the Delta, DP-SGD and federated runs.
+"""Run-directory files shared by the Delta, DP-SGD and federated runs.
 
 - :func:`atomic_write_bytes` / :func:`atomic_write_json`: temp file in the same directory,
   fsync, ``os.replace``, so that readers see the old or the new file, never a torn one;
 - :func:`append_metrics` / :func:`read_metrics` / :func:`write_metrics`: ``metrics.jsonl``,
   one fsynced JSON object a line; a torn (undecodable) line is skipped on reading;
 - :func:`read_config` / :func:`write_config`: ``config.json`` through a config's
-  ``to_dict`` / ``from_dict``; :func:`check_resumable`: whether a run directory may be continued;
-- :func:`check_int`, :func:`check_number`, :func:`check_choice` (and Delta's
-  :func:`check_bounded_number`): field validators raising ``ValueError`` with the messages
-  the configs have always used.
+  ``to_dict`` / ``from_dict``; :func:`check_resumable`: whether a run directory may be continued.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -29,11 +25,6 @@ __all__ = [
     "append_metrics",
     "atomic_write_bytes",
     "atomic_write_json",
-    "check_bounded_number",
-    "check_choice",
-    "check_int",
-    "check_noise",
-    "check_number",
     "check_resumable",
     "config_from_dict",
     "config_to_dict",
@@ -53,63 +44,6 @@ T = TypeVar("T")
 
 class _ToDict(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
-
-
-# ------------------------------------------------------------------------------ validators
-
-
-def check_int(name: str, value: object, low: int) -> None:
-    """``value`` must be an int (not a bool) >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
-
-
-def check_number(
-    name: str, value: object, low: float, high: float, *, open_low: bool = False
-) -> None:
-    """``value`` must be a finite number (not a bool) in [low, high], or (low, high]."""
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if ok:
-        ok = (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {name}={value!r}")
-
-
-def check_bounded_number(name: str, value: object, *, low: float, high: float = math.inf) -> float:
-    """``value`` must be a non-NaN number (not a bool, infinities allowed) in [low, high];
-    returns it as a float (Delta's validator and messages)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"{name} must be a number in [{low}, {high}], got {name}={value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must satisfy {low} <= {name} <= {high}, got {name}={value}")
-    return float(value)
-
-
-def check_noise(
-    sigma: float | None, target_epsilon: float | None, delta: float, clip: float
-) -> None:
-    """The DP noise settings of a run: exactly one of sigma (in (0, 1e6]) and target_epsilon
-    (in (0, 1e4]), 0 < delta < 1, clip norm in (0, 1e6]."""
-    if (sigma is None) == (target_epsilon is None):
-        raise ValueError(
-            "exactly one of sigma and target_epsilon must be given, got "
-            f"sigma={sigma!r}, target_epsilon={target_epsilon!r}"
-        )
-    if sigma is not None:
-        check_number("sigma", sigma, 0.0, 1e6, open_low=True)
-    if target_epsilon is not None:
-        check_number("target_epsilon", target_epsilon, 0.0, 1e4, open_low=True)
-    check_number("delta", delta, 0.0, 1.0, open_low=True)
-    if delta >= 1:
-        raise ValueError(f"delta must satisfy 0 < delta < 1, got delta={delta}")
-    check_number("clip", clip, 0.0, 1e6, open_low=True)
-
-
-def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    """``value`` must be one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {name}={value!r}")
 
 
 # ------------------------------------------------------------------------------ files

@@ -11,9 +11,9 @@ from asymflow.accounting.events import (
     Event,
     NonPrivate,
     SelfComposed,
-    check_delta,
     check_epsilon,
 )
+from asymflow.checks import check_delta
 
 
 class UnsupportedEventError(ValueError):
@@ -78,7 +78,7 @@ class Accountant(ABC):
 
     def epsilon(self, delta: float) -> float:
         """Smallest epsilon this method certifies at ``delta`` (0 when nothing was composed)."""
-        check_delta(delta)
+        check_delta("delta", delta)
         if not self._leaves:
             return 0.0
         if self.leaks:

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 from asymflow.accounting.accountant import Accountant, UnsupportedEventError
 from asymflow.accounting.balanced_pld import BlockPldAccountant, uses_blocks
-from asymflow.accounting.events import Event, check_delta
+from asymflow.accounting.events import Event
 from asymflow.accounting.pld import PldAccountant
 from asymflow.accounting.rdp import RdpAccountant
+from asymflow.checks import check_delta
 
 CERTIFIED_METHODS: dict[str, type[Accountant]] = {
     "rdp": RdpAccountant,
@@ -43,7 +44,7 @@ def best_epsilon(
     also tried and the event has no k-of-T pass the blocks bound differently (the two would be
     the same computation).
     """
-    check_delta(delta)
+    check_delta("delta", delta)
     unknown = [m for m in methods if m not in CERTIFIED_METHODS]
     if unknown:
         raise ValueError(f"methods must be among {sorted(CERTIFIED_METHODS)}, got {unknown}")

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from asymflow.accounting.best import DEFAULT_METHODS, best_epsilon
-from asymflow.accounting.events import check_delta
 from asymflow.accounting.schedule import training_event
+from asymflow.checks import check_delta
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def noise_for_epsilon(
     rel_tol: float = 1e-3,
 ) -> Calibration:
     """Smallest sigma (to ``rel_tol``) with best certified epsilon <= ``target_epsilon``."""
-    check_delta(delta)
+    check_delta("delta", delta)
     schedule = {"k": k, "q": q, "epochs": epochs, "parts": parts, "shared": shared}
     training_event(sampler, 1.0, steps, **schedule)  # validate early
     chosen: dict[float, str] = {}

@@ -209,13 +209,6 @@ class Composed(Event):
             _check_event(f"events[{i}]", e)
 
 
-def check_delta(delta: float) -> None:
-    """Raise unless 0 < delta < 1."""
-    _check_finite("delta", delta)
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must satisfy 0 < delta < 1, got delta={delta}")
-
-
 def check_epsilon(epsilon: float) -> None:
     """Raise unless epsilon >= 0 and finite."""
     _check_finite("epsilon", epsilon)

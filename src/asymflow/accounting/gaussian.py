@@ -12,7 +12,8 @@ from scipy import optimize, stats
 
 from asymflow.accounting.best import best_epsilon
 from asymflow.accounting.calibrate import bisect_sigma
-from asymflow.accounting.events import Gaussian, SelfComposed, check_delta, check_epsilon
+from asymflow.accounting.events import Gaussian, SelfComposed, check_epsilon
+from asymflow.checks import check_delta
 
 
 def gaussian_delta(sigma: float, epsilon: float, count: int = 1) -> float:
@@ -27,7 +28,7 @@ def gaussian_delta(sigma: float, epsilon: float, count: int = 1) -> float:
 
 def gaussian_epsilon(sigma: float, delta: float, count: int = 1) -> float:
     """Exact epsilon(delta), the root of :func:`gaussian_delta`."""
-    check_delta(delta)
+    check_delta("delta", delta)
     if gaussian_delta(sigma, 0.0, count) <= delta:
         return 0.0
     hi = 1.0
@@ -45,7 +46,7 @@ def gaussian_sigma_for_epsilon(
     Starts from the exact analytic sigma and raises it by factors of (1 + rel_tol) until the
     certified bound, which sits just above the exact value, meets the target.
     """
-    check_delta(delta)
+    check_delta("delta", delta)
     check_epsilon(target_epsilon)
     if target_epsilon == 0:
         raise ValueError("target_epsilon must be > 0 for a Gaussian release")

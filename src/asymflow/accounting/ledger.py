@@ -30,7 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from asymflow.accounting.events import Composed, Event, SelfComposed, check_delta, event_from_dict
+from asymflow.accounting.events import Composed, Event, SelfComposed, event_from_dict
+from asymflow.checks import check_delta
 
 if TYPE_CHECKING:
     from asymflow.accounting.best import EpsilonReport
@@ -380,7 +381,7 @@ class PrivacyLedger:
     ) -> dict[Population, EpsilonReport]:
         """Certified epsilon at ``delta`` of every population (of ``dataset`` if given), each
         recomputed from its own rows; populations with the same event are bounded once."""
-        check_delta(delta)
+        check_delta("delta", delta)
         from asymflow.accounting.best import DEFAULT_METHODS, best_epsilon
 
         bounds: dict[Event, EpsilonReport] = {}
@@ -405,7 +406,7 @@ class PrivacyLedger:
         :func:`asymflow.accounting.best.best_epsilon` (smallest valid upper bound among the
         accountants that support the event, ``methods`` if given); 0 without rows.
         """
-        check_delta(delta)
+        check_delta("delta", delta)
         from asymflow.accounting.best import DEFAULT_METHODS, best_epsilon
 
         name = self._one_dataset(dataset)

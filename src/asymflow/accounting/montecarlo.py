@@ -38,9 +38,9 @@ from asymflow.accounting.events import (
     Event,
     Gaussian,
     ModelPartitioned,
-    check_delta,
     check_epsilon,
 )
+from asymflow.checks import check_delta
 
 Direction = Literal["remove", "add"]
 FloatArray = NDArray[np.float64]
@@ -427,7 +427,7 @@ class MonteCarloAccountant(Accountant):
     def epsilon_lower(self, delta: float) -> float:
         """Largest ε with lower-confidence δ(ε) >= δ: a lower confidence bound on the true ε(δ),
         holding with probability >= confidence (0 when no ε qualifies or nothing was composed)."""
-        check_delta(delta)
+        check_delta("delta", delta)
         if not self._leaves or self._lower(0.0) < delta:
             return 0.0
         lo, hi = 0.0, self._max_loss()  # every sample is <= hi, so the lower bound is 0 there

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from asymflow.accounting.calibrate import noise_for_epsilon
 from asymflow.accounting.schedule import training_event
+from asymflow.checks import check_choice, check_delta, check_int, check_positive
 from asymflow.cli.bounds import (
     CERTIFIED,
     LOWER_METHOD,
@@ -27,10 +28,6 @@ from asymflow.cli.bounds import (
 from asymflow.cli.common import (
     CliInputError,
     JsonOpt,
-    check_choice,
-    check_delta,
-    check_min_int,
-    check_positive_finite,
     emit_json,
     errors,
     fail,
@@ -117,7 +114,7 @@ def account(
         query = parse_query(sampler, sigma, steps, k, q, epochs, parts, delta)
         method = check_choice("--method", method or "best", ACCOUNT_METHODS)
         if mc_samples is not None:
-            check_min_int("--mc-samples", mc_samples, 100)
+            check_int("--mc-samples", mc_samples, 100)
         if (method == "mc" or mc_samples is not None) and (
             query.sampler != "balanced" or query.parts != 1
         ):
@@ -159,9 +156,7 @@ def calibrate(
 ) -> None:
     """Smallest noise multiplier σ whose certified ε is at most --epsilon."""
     with errors():
-        target = check_positive_finite(
-            "--epsilon", require("--epsilon", epsilon, "a target epsilon > 0")
-        )
+        target = check_positive("--epsilon", require("--epsilon", epsilon, "a target epsilon > 0"))
         delta = check_delta("--delta", require("--delta", delta, "0 < delta < 1"))
         sampler, steps, k, q, epochs, parts = parse_schedule(sampler, steps, k, q, epochs, parts)
         if sampler == "shuffle":

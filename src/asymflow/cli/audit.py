@@ -9,10 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
+from asymflow.checks import check_delta, check_int
 from asymflow.cli.common import (
     JsonOpt,
-    check_delta,
-    check_min_int,
     emit_json,
     errors,
     out_console,
@@ -69,7 +68,7 @@ def audit_reconstruct(
     with errors():
         for name, value in (("--aux", aux), ("--private", private)):
             if value is not None:
-                check_min_int(name, value, 1)
+                check_int(name, value, 1)
         chosen = _views(views, ("ir", "sign", "delta:9", "delta:1.4", "none"))
         with progress_display() as progress:
             progress.add_task("reconstruction audit", total=None)
@@ -98,7 +97,7 @@ def audit_membership(
     from asymflow.audit.commands import run_membership
 
     with errors():
-        check_min_int("--members", members, 2)
+        check_int("--members", members, 2)
         chosen = _views(views, ("sign", "delta:1.4"))
         with progress_display() as progress:
             progress.add_task("membership audit", total=None)
@@ -120,7 +119,7 @@ def audit_canary(
     from asymflow.audit.commands import run_canary
 
     with errors():
-        check_min_int("--trials", trials, 100)
+        check_int("--trials", trials, 100)
         delta = check_delta("--delta", delta)
         with progress_display() as progress:
             progress.add_task("canary audit", total=None)

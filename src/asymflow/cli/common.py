@@ -33,6 +33,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from asymflow.checks import check_choice
+
 # ------------------------------------------------------------------------------------ errors
 
 INPUT_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
@@ -107,30 +109,6 @@ def option_name(field: str) -> str:
 def require(name: str, value: Any, what: str) -> Any:
     if value is None:
         raise CliInputError(f"{name} is required: {what}")
-    return value
-
-
-def check_positive_finite(name: str, value: float) -> float:
-    if not (math.isfinite(value) and value > 0):
-        raise CliInputError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
-def check_delta(name: str, value: float) -> float:
-    if not (math.isfinite(value) and 0 < value < 1):
-        raise CliInputError(f"{name} must satisfy 0 < delta < 1, got {value}")
-    return float(value)
-
-
-def check_min_int(name: str, value: int, low: int) -> int:
-    if value < low:
-        raise CliInputError(f"{name} must be an integer >= {low}, got {value}")
-    return int(value)
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise CliInputError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 

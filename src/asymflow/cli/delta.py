@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from asymflow.checks import check_int
 from asymflow.cli.common import (
     DATA_HINTS,
     CliInputError,
     JsonOpt,
-    check_min_int,
     emit_json,
     errors,
     fmt,
@@ -167,7 +167,7 @@ def delta_eval(
         errors({"run_dir": "RUN_DIR", "batch_size": "--batch-size"}, DATA_HINTS),
         remote_errors(public_server, lost),
     ):
-        check_min_int("--batch-size", batch_size, 1)
+        check_int("--batch-size", batch_size, 1)
         check_client_options(public_server, token_file, ca_cert, insecure)
         _check_run_dir(run_dir, finished=False)
         from asymflow.delta.infer import evaluate_run

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from asymflow.accounting.best import DEFAULT_METHODS
+from asymflow.checks import check_choice
 from asymflow.cli.common import (
     DATA_HINTS,
     JsonOpt,
-    check_choice,
     check_training_noise,
     errors,
     fmt,

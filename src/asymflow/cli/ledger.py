@@ -36,10 +36,10 @@ from asymflow.accounting.ledger import (
     Population,
     PrivacyLedger,
 )
+from asymflow.checks import check_delta
 from asymflow.cli.common import (
     CliInputError,
     JsonOpt,
-    check_delta,
     emit_json,
     errors,
     fmt,

@@ -30,11 +30,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from asymflow.checks import check_choice, check_int
 from asymflow.cli.common import (
     CliInputError,
     JsonOpt,
-    check_choice,
-    check_min_int,
     emit_json,
     errors,
     fail,
@@ -252,18 +251,18 @@ def public_serve(
     """
     with errors(SERVE_OPTIONS):
         host = _check_serve(listen, token_file, cert, key, insecure_local, state_dir, log_level)
-        check_min_int("--max-message-mb", max_message_mb, 1)
+        check_int("--max-message-mb", max_message_mb, 1)
         if max_message_mb > MAX_MESSAGE_MB:
             raise CliInputError(
                 f"--max-message-mb must be an integer in [1, {MAX_MESSAGE_MB}], "
                 f"got {max_message_mb}"
             )
-        check_min_int("--max-concurrent", max_concurrent, 1)
-        check_min_int("--max-sessions", max_sessions, 1)
-        check_min_int("--max-held-mb", max_held_mb, 0)
-        check_min_int("--workers", workers, 1)
-        check_min_int("--threads", threads, 1)
-        check_min_int("--nproc-per-node", nproc_per_node, 1)
+        check_int("--max-concurrent", max_concurrent, 1)
+        check_int("--max-sessions", max_sessions, 1)
+        check_int("--max-held-mb", max_held_mb, 0)
+        check_int("--workers", workers, 1)
+        check_int("--threads", threads, 1)
+        check_int("--nproc-per-node", nproc_per_node, 1)
         logging.basicConfig(
             level=getattr(logging, log_level),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -9,12 +9,9 @@ from typing import Any
 
 from asymflow.accounting.events import BalancedSampled, Event, Gaussian, SelfComposed
 from asymflow.accounting.schedule import SAMPLERS, training_event
+from asymflow.checks import check_choice, check_delta, check_int, check_positive
 from asymflow.cli.common import (
     CliInputError,
-    check_choice,
-    check_delta,
-    check_min_int,
-    check_positive_finite,
     require,
 )
 
@@ -83,9 +80,9 @@ def parse_schedule(
     sampler = check_choice(
         "--sampler", require("--sampler", sampler, f"one of {', '.join(SAMPLERS)}"), SAMPLERS
     )
-    steps = check_min_int("--steps", require("--steps", steps, "an integer >= 1"), 1)
-    epochs = check_min_int("--epochs", 1 if epochs is None else epochs, 1)
-    parts = check_min_int("--parts", 1 if parts is None else parts, 1)
+    steps = check_int("--steps", require("--steps", steps, "an integer >= 1"), 1)
+    epochs = check_int("--epochs", 1 if epochs is None else epochs, 1)
+    parts = check_int("--parts", 1 if parts is None else parts, 1)
     if k is not None and not 1 <= k <= steps:
         raise CliInputError(f"--k must satisfy 1 <= k <= steps (--steps={steps}), got {k}")
     if q is not None and not (math.isfinite(q) and 0 < q <= 1):
@@ -133,8 +130,6 @@ def parse_query(
 ) -> Query:
     """Validate every option of ``account``; raise :class:`CliInputError` on bad input."""
     sampler, steps, k, q, epochs, parts = parse_schedule(sampler, steps, k, q, epochs, parts)
-    sigma = check_positive_finite(
-        "--sigma", require("--sigma", sigma, "a finite noise multiplier > 0")
-    )
+    sigma = check_positive("--sigma", require("--sigma", sigma, "a finite noise multiplier > 0"))
     delta = check_delta("--delta", require("--delta", delta, "0 < delta < 1"))
     return Query(sampler, sigma, steps, k, q, epochs, parts, delta)

@@ -28,6 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from asymflow.checks import (
+    check_bounded_number,
+    check_choice,
+    check_delta,
+    check_int,
+    check_positive,
+)
 from asymflow.delta.contract import fold_model_names
 from asymflow.models import DEMO_PRIVATE_RANKS, DEMO_PRIVATE_WIDTHS
 from asymflow.models.resnet import ARCHS
@@ -37,9 +44,6 @@ from asymflow.runfiles import (
     append_metrics,
     atomic_write_bytes,
     atomic_write_json,
-    check_bounded_number,
-    check_choice,
-    check_int,
     read_metrics,
     write_metrics,
 )
@@ -352,34 +356,22 @@ class DeltaConfig:
             check_int(f"private_ranks[{i}]", q, 1)
         check_bounded_number("public_width", self.public_width, low=1e-3, high=16)
         for name in ("lr", "stage2_lr", "public_lr"):
-            if check_bounded_number(name, getattr(self, name), low=0, high=10) <= 0:
-                raise ValueError(f"{name} must satisfy 0 < {name} <= 10, got {getattr(self, name)}")
+            check_bounded_number(name, getattr(self, name), low=0, high=10, open_low=True)
         check_bounded_number("momentum", self.momentum, low=0, high=0.999)
         check_bounded_number("weight_decay", self.weight_decay, low=0, high=1)
         check_bounded_number("alpha", self.alpha, low=0, high=100)
         for name in ("augment", "flip", "public_augment"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {name}={getattr(self, name)!r}")
-        eps = check_bounded_number("epsilon", self.epsilon, low=0, high=math.inf)
-        if eps <= 0:
-            raise ValueError(f"epsilon must satisfy 0 < epsilon <= inf, got epsilon={eps}")
-        delta = check_bounded_number("delta", self.delta, low=0, high=1)
-        if not 0 < delta < 1:
-            raise ValueError(f"delta must satisfy 0 < delta < 1, got delta={delta}")
-        clip = check_bounded_number("clip", self.clip, low=0, high=math.inf)
-        if not (0 < clip < math.inf):
-            raise ValueError(f"clip must be a finite number > 0, got clip={clip}")
+        eps = check_bounded_number("epsilon", self.epsilon, low=0, open_low=True)
+        check_delta("delta", self.delta)
+        check_positive("clip", self.clip)
         if self.release == "padded" and math.isinf(eps):
             raise ValueError(
                 "epsilon must be finite with release='padded' (padding hides who is sampled "
                 "behind noise), got epsilon=inf"
             )
-        label_eps = check_bounded_number("label_epsilon", self.label_epsilon, low=0, high=math.inf)
-        if not (0 < label_eps < math.inf):
-            raise ValueError(
-                "label_epsilon must be a finite number > 0 (use labels='clear' for no noise), "
-                f"got label_epsilon={label_eps}"
-            )
+        check_positive("label_epsilon", self.label_epsilon)
 
     @property
     def releases_residual(self) -> bool:

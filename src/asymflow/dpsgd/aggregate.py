@@ -24,17 +24,16 @@ noise, G = N(0, sigma^2 C^2 I), exactly as the accountant assumes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
+from asymflow.checks import check_positive
 from asymflow.dpsgd.partition import SHARED, PartitionPlan
 
 __all__ = [
-    "check_positive",
     "clip_factors",
     "noisy_gradient_sum",
     "set_private_gradients",
@@ -65,16 +64,6 @@ def validate_model(module: nn.Module) -> None:
         )
 
 
-def check_positive(name: str, value: float) -> float:
-    """``value`` as a float if it is a finite number > 0, else ``ValueError`` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number > 0, got {name}={value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {name}={value}")
-    return value
-
-
 def clip_factors(norms: Tensor, clip: float) -> Tensor:
     """Per-sample factors min(1, C / ||g_i||), equal to 1 where the norm is 0."""
     safe = torch.where(norms > clip, norms, torch.full_like(norms, clip))
@@ -99,10 +88,7 @@ def noisy_gradient_sum(
     """
     clip = check_positive("clip", clip)
     shared_clip = clip if shared_clip is None else check_positive("shared_clip", shared_clip)
-    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma >= 0:
-        raise ValueError(f"sigma must be a finite number >= 0, got sigma={sigma!r}")
-    if not math.isfinite(sigma):
-        raise ValueError(f"sigma must be a finite number >= 0, got sigma={sigma}")
+    check_positive("sigma", sigma, zero=True)
     if len(grad_samples) != len(plan.names):
         raise ValueError(
             f"grad_samples must hold one tensor per plan parameter ({len(plan.names)}), "

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from asymflow.accounting.best import CERTIFIED_METHODS, DEFAULT_METHODS
+from asymflow.checks import check_choice, check_int, check_noise, check_number
 from asymflow.dpsgd.partition import UNITS, PartitionSpec
 from asymflow.runfiles import (
     CONFIG_FILE,
@@ -29,10 +30,6 @@ from asymflow.runfiles import (
     append_metrics,
     atomic_write_bytes,
     atomic_write_json,
-    check_choice,
-    check_int,
-    check_noise,
-    check_number,
     config_from_dict,
     config_to_dict,
     read_metrics,

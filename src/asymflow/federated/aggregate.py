@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from asymflow.checks import check_positive
 from asymflow.dpsgd.partition import SHARED, PartitionPlan
 
 __all__ = [
@@ -57,15 +58,6 @@ class ClientUpdate:
 
     block: int
     delta: Mapping[str, Tensor]
-
-
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number > 0, got {name}={value!r}")
-    out = float(value)
-    if not (math.isfinite(out) and out > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {name}={out}")
-    return out
 
 
 def check_update(
@@ -93,7 +85,7 @@ def masked_clipped(update: ClientUpdate, plan: PartitionPlan, *, clip: float) ->
     """c_i: the update restricted to the parameters of block ``update.block`` (all parameters
     when there is one block), then scaled by min(1, C / ||h_i||_2). Names outside the block
     are dropped (they are zero in h_i). The input must pass :func:`check_update`."""
-    clip = _positive("clip", clip)
+    clip = check_positive("clip", clip)
     if any(b == SHARED for b in plan.block_of):
         raise ValueError("plan must have no shared parameters (federated plans split all)")
     block_of = dict(zip(plan.names, plan.block_of, strict=True))
@@ -122,11 +114,8 @@ def noisy_sum(
     ``updates`` and for blocks no client trained. Raises :class:`InvalidUpdateError` on the
     first bad update (callers drop bad updates with :func:`check_update` first).
     """
-    clip = _positive("clip", clip)
-    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma >= 0:
-        raise ValueError(f"sigma must be a finite number >= 0, got sigma={sigma!r}")
-    if not math.isfinite(sigma):
-        raise ValueError(f"sigma must be a finite number >= 0, got sigma={sigma}")
+    clip = check_positive("clip", clip)
+    check_positive("sigma", sigma, zero=True)
     missing = [n for n in plan.names if n not in shapes]
     if missing:
         raise ValueError(f"shapes must give every plan parameter, missing {missing[:5]}")
@@ -153,7 +142,7 @@ def noisy_mean_update(
     generator: torch.Generator,
 ) -> dict[str, Tensor]:
     """G / m with m = ``expected_clients`` (fixed: qN or kN/T), see the module docstring."""
-    m = _positive("expected_clients", expected_clients)
+    m = check_positive("expected_clients", expected_clients)
     sums = noisy_sum(updates, plan, shapes, clip=clip, sigma=sigma, generator=generator)
     return {name: g / m for name, g in sums.items()}
 
@@ -162,7 +151,7 @@ def apply_update(
     weights: Mapping[str, Tensor], mean_update: Mapping[str, Tensor], *, server_lr: float = 1.0
 ) -> dict[str, Tensor]:
     """w + eta * mean_update, parameter by parameter (dtype of ``weights`` kept)."""
-    eta = _positive("server_lr", server_lr)
+    eta = check_positive("server_lr", server_lr)
     if set(weights) != set(mean_update):
         raise ValueError("mean_update must name exactly the parameters of weights")
     return {

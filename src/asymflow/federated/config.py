@@ -26,15 +26,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from asymflow.accounting.best import CERTIFIED_METHODS, DEFAULT_METHODS
+from asymflow.checks import check_choice, check_int, check_noise, check_number
 from asymflow.dpsgd.partition import UNITS, PartitionSpec
-from asymflow.runfiles import (
-    check_choice,
-    check_int,
-    check_noise,
-    check_number,
-    config_from_dict,
-    config_to_dict,
-)
+from asymflow.runfiles import config_from_dict, config_to_dict
 from asymflow.settings import setting
 
 __all__ = ["MODELS", "SAMPLERS", "SPLITS", "FederatedConfig"]

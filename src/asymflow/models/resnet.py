@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
+from asymflow.checks import check_choice, check_int
+
 NormKind = Literal["batch", "group"]
 StemKind = Literal["cifar", "imagenet"]
 ActivationKind = Literal["relu", "prelu"]
@@ -55,16 +57,9 @@ ARCHS: dict[str, ResNetSpec] = {
 }
 
 
-def check_choice(name: str, value: object, allowed: Sequence[object]) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-
-
 def check_positive_int(name: str, value: int) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    """:func:`asymflow.checks.check_int` with ``low=1``, for models/lowrank.py."""
+    check_int(name, value, 1)
 
 
 def get_spec(arch: str) -> ResNetSpec:
@@ -87,8 +82,8 @@ def group_count(channels: int, max_groups: int = 32) -> int:
     Wu & He, "Group Normalization", ECCV 2018, use G = 32; groups of one channel
     (instance norm) are avoided because they discard the per-channel mean of small maps.
     """
-    check_positive_int("channels", channels)
-    check_positive_int("max_groups", max_groups)
+    check_int("channels", channels, 1)
+    check_int("max_groups", max_groups, 1)
     limit = min(max_groups, max(1, channels // 2))
     return max(g for g in range(1, limit + 1) if channels % g == 0)
 
@@ -194,8 +189,8 @@ class Stem(nn.Module):
         activation: ActivationKind = "relu",
     ) -> None:
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("out_channels", out_channels)
+        check_int("in_channels", in_channels, 1)
+        check_int("out_channels", out_channels, 1)
         check_choice("kind", kind, STEMS)
         self.kind = kind
         self.in_channels = in_channels
@@ -264,8 +259,8 @@ class ResNetBody(nn.Module):
         input_kernel_size: int = 3,
     ) -> None:
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("num_classes", num_classes)
+        check_int("in_channels", in_channels, 1)
+        check_int("num_classes", num_classes, 1)
         check_choice("input_kernel_size", input_kernel_size, (1, 3))
         if len(blocks) != len(widths) or not blocks:
             raise ValueError(
@@ -273,9 +268,9 @@ class ResNetBody(nn.Module):
                 f"got blocks={tuple(blocks)}, widths={tuple(widths)}"
             )
         for i, b in enumerate(blocks):
-            check_positive_int(f"blocks[{i}]", b)
+            check_int(f"blocks[{i}]", b, 1)
         for i, w in enumerate(widths):
-            check_positive_int(f"widths[{i}]", w)
+            check_int(f"widths[{i}]", w, 1)
         self.in_channels = in_channels
         self.out_features = widths[-1]
         self.input: nn.Module = nn.Identity()

@@ -4,7 +4,8 @@ Both ends import this module and nothing else of each other (DESIGN.md sec. 2, 5
 payload types (:class:`SanitizedResidual`: clipped, noised, 1-bit residuals; :class:`NoisyLabels`
 and :class:`NoisyLabelGradients`: label-DP releases), each carrying its privacy event; the
 protocols a public side answers (:class:`PublicSide`, :class:`StepwisePublicSide`) and its
-training arguments (:class:`TrainArgs`); the checks both ends apply to what crosses; the
+training arguments (:class:`TrainArgs`); the layouts of the payloads (:class:`Layout`, followed
+by the wire codec and by a run's release files); the checks both ends apply to what crosses; the
 fields of a run's configuration that decide the public model (:class:`PublicConfig`), and a
 trained run's public side (:func:`trained_public`).
 The public side trains M_res on what it receives and returns z_res (Niu et al., CVPR 2024,
@@ -14,18 +15,25 @@ arXiv 2312.05264, Sec. 3.4).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from asymflow.accounting.events import Event, Gaussian, NonPrivate, RandomizedResponse
+from asymflow.accounting.events import (
+    Event,
+    Gaussian,
+    NonPrivate,
+    RandomizedResponse,
+    event_from_dict,
+)
 
 WIRE_VERSION = 1
 """Version of the payload format (:class:`SanitizedResidual`)."""
@@ -160,6 +168,71 @@ class NoisyLabelGradients:
 
     def __len__(self) -> int:
         return len(self.values)
+
+
+# ------------------------------------------------------------------------------ layouts
+
+PartKind = Literal["array", "int", "ints", "event"]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a payload: its ``key``, the attribute it fills (``attr``, default the
+    key) and its kind: a numpy array, an int, a tuple of ints or a privacy event."""
+
+    key: str
+    kind: PartKind
+    attr: str = ""
+
+    @property
+    def field(self) -> str:
+        return self.attr or self.key
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parts of a payload type, in their order: the one declaration both of its
+    serializations follow. The wire codec sends part ``key`` with one rule a key, in this
+    order (transport/wire.py); a run's release file keeps the same parts as named arrays
+    (:meth:`to_arrays`). Both rebuild the payload through its constructor and its checks."""
+
+    cls: type
+    parts: tuple[Part, ...]
+
+    def to_arrays(self, payload: Any) -> dict[str, np.ndarray]:
+        """The payload's parts as arrays named by attribute (an event as its JSON text)."""
+        out = {}
+        for part in self.parts:
+            value = getattr(payload, part.field)
+            if part.kind == "event":
+                value = json.dumps(value.to_dict())
+            out[part.field] = np.asarray(value, dtype=np.int64 if "int" in part.kind else None)
+        return out
+
+    def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> Any:
+        """The payload of :meth:`to_arrays`' arrays (other names are ignored)."""
+        values: dict[str, Any] = {}
+        for part in self.parts:
+            array = arrays[part.field]
+            if part.kind == "array":
+                values[part.field] = np.ascontiguousarray(array)
+            elif part.kind == "int":
+                values[part.field] = int(array)
+            elif part.kind == "ints":
+                values[part.field] = tuple(int(d) for d in array)
+            else:
+                values[part.field] = event_from_dict(json.loads(str(array)))
+        return self.cls(**values)
+
+
+RESIDUAL_LAYOUT = Layout(
+    SanitizedResidual,
+    (Part("shape", "ints"), Part("version", "int"), Part("event", "event"), Part("bits", "array")),
+)
+LABELS_LAYOUT = Layout(
+    NoisyLabels,
+    (Part("classes", "int"), Part("event", "event"), Part("values", "array", attr="labels")),
+)
 
 
 def check_payload(data: object, labels: object = None) -> None:

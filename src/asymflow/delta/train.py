@@ -52,10 +52,16 @@ from rich.progress import (
 from torch import Tensor, nn
 from torch.nn import functional
 
-from asymflow.accounting.events import Gaussian, NonPrivate, event_from_dict
+from asymflow.accounting.events import Gaussian, NonPrivate
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.data import ImageData, TensorImageDataset, augment_batch, load_data, load_digits
-from asymflow.delta.contract import PublicSide, ensemble_logits
+from asymflow.delta.contract import (
+    LABELS_LAYOUT,
+    RESIDUAL_LAYOUT,
+    Layout,
+    PublicSide,
+    ensemble_logits,
+)
 from asymflow.delta.label_steps import (
     check_stepwise,
     label_gradient_releases,
@@ -362,42 +368,6 @@ def _noise_seed(config: DeltaConfig, name: str) -> int | None:
     return config.noise_seed * 1_000_003 + zlib.crc32(name.encode())
 
 
-def _payload_arrays(payload: SanitizedResidual, row: int) -> dict[str, np.ndarray]:
-    return {
-        "bits": payload.bits,
-        "shape": np.asarray(payload.shape, dtype=np.int64),
-        "event": np.asarray(json.dumps(payload.event.to_dict())),
-        "version": np.asarray(payload.version, dtype=np.int64),
-        "ledger_row": np.asarray(row, dtype=np.int64),
-    }
-
-
-def _payload_from(arrays: dict[str, np.ndarray]) -> SanitizedResidual:
-    return SanitizedResidual(
-        np.ascontiguousarray(arrays["bits"], dtype=np.uint8),
-        tuple(int(d) for d in arrays["shape"]),  # type: ignore[arg-type]
-        event_from_dict(json.loads(str(arrays["event"]))),
-        int(arrays["version"]),
-    )
-
-
-def _labels_arrays(labels: NoisyLabels, row: int) -> dict[str, np.ndarray]:
-    return {
-        "labels": labels.labels,
-        "classes": np.asarray(labels.classes, dtype=np.int64),
-        "event": np.asarray(json.dumps(labels.event.to_dict())),
-        "ledger_row": np.asarray(row, dtype=np.int64),
-    }
-
-
-def _labels_from(arrays: dict[str, np.ndarray]) -> NoisyLabels:
-    return NoisyLabels(
-        np.array(arrays["labels"], dtype=np.int64),
-        int(arrays["classes"]),
-        event_from_dict(json.loads(str(arrays["event"]))),
-    )
-
-
 def _reference(name: str, digest: str, arrays: dict[str, np.ndarray]) -> dict[str, str]:
     """What a checkpoint keeps of a cached release: its file name, the file's SHA-256 and
     its privacy event (JSON; enough for inference to sanitize queries alike)."""
@@ -543,8 +513,10 @@ class _Run:
         self.release_refs[name] = _reference(name, digest, arrays)
         return arrays
 
-    def keep(self, name: str, arrays: dict[str, np.ndarray]) -> None:
-        """Persist a release immediately (file), referenced by every later checkpoint."""
+    def keep(self, name: str, layout: Layout, payload: object, row: int) -> None:
+        """Persist a release immediately (file: its layout's arrays and its ledger row),
+        referenced by every later checkpoint."""
+        arrays = {**layout.to_arrays(payload), "ledger_row": np.asarray(row, dtype=np.int64)}
         digest = save_release(self.run_dir, name, arrays)
         self.released[name] = arrays
         self.release_refs[name] = _reference(name, digest, arrays)
@@ -738,7 +710,7 @@ class _Run:
         """
         arrays = self.cached(name)
         if arrays is not None:
-            return _payload_from(arrays)
+            return RESIDUAL_LAYOUT.from_arrays(arrays)
         what = "IR" if self.config.variant == "naive-dp" else "residual"
         payload, release = release_tensors(
             self.mechanism(name),
@@ -748,7 +720,7 @@ class _Run:
             scope=scope,
             note=f"{what} release ({name})",
         )
-        self.keep(name, _payload_arrays(payload, release.row_id))
+        self.keep(name, RESIDUAL_LAYOUT, payload, release.row_id)
         release.done()
         return payload
 
@@ -798,7 +770,7 @@ class _Run:
         name = f"train_epoch{epoch}"
         arrays = self.cached(name)
         if arrays is not None:
-            return _payload_from(arrays)
+            return RESIDUAL_LAYOUT.from_arrays(arrays)
         c = self.config
         plan = self.slot_plan()
         sigma = self.sigma()
@@ -829,7 +801,7 @@ class _Run:
             c.eval_batch_size,
         )
         payload = concat_released([mechanism.sanitize(chunk, release) for chunk in chunks])
-        self.keep(name, _payload_arrays(payload, plan.row))
+        self.keep(name, RESIDUAL_LAYOUT, payload, plan.row)
         release.done()
         return payload
 
@@ -837,7 +809,7 @@ class _Run:
         """The label-DP labels: cached, or released now (ledger row first)."""
         arrays = self.cached("labels")
         if arrays is not None:
-            return _labels_from(arrays)
+            return LABELS_LAYOUT.from_arrays(arrays)
         c = self.config
         labels, row = release_labels(
             self.data.train.labels,
@@ -849,7 +821,7 @@ class _Run:
             scope="train",
             seed=_noise_seed(c, "labels"),
         )
-        self.keep("labels", _labels_arrays(labels, row))
+        self.keep("labels", LABELS_LAYOUT, labels, row)
         self.ledger.mark_released(row)
         return labels
 

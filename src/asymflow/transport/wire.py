@@ -12,6 +12,7 @@ boundary (DESIGN.md sec. 2, 5). The names of the codec its users call (``wire.en
 # when the module is imported.
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Annotated, Any, ClassVar
 
@@ -26,9 +27,13 @@ from asymflow.accounting.events import (
     RandomizedResponse,
 )
 from asymflow.delta.contract import (
+    LABELS_LAYOUT,
+    RESIDUAL_LAYOUT,
     WIRE_VERSION,
+    Layout,
     NoisyLabelGradients,
     NoisyLabels,
+    PartKind,
     SanitizedResidual,
     TrainArgs,
 )
@@ -138,8 +143,30 @@ def _check_labels(values: dict[str, Any], where: str) -> None:
         )
 
 
-RESIDUAL = Record(
-    SanitizedResidual,
+_KINDS: dict[PartKind, tuple[type[Rule], ...]] = {
+    "array": (Array,),
+    "int": (Integer, Version),
+    "ints": (ResidualShape,),
+    "event": (PrivacyEvent,),
+}
+
+
+def _payload(
+    layout: Layout, what: str, rules: dict[str, Rule], check: Callable[[dict[str, Any], str], None]
+) -> Record:
+    """The record of a payload: one rule per part of its layout, sent in the layout's order."""
+    parts = {part.key: part for part in layout.parts}
+    if set(rules) != set(parts) or any(
+        not isinstance(rules[key], _KINDS[part.kind]) for key, part in parts.items()
+    ):
+        raise TypeError(f"rules of {what} must follow its layout, got {sorted(rules)}")
+    fields = {key: rules[key] for key in parts}
+    attrs = {key: part.attr for key, part in parts.items() if part.attr}
+    return Record(layout.cls, what, fields, attrs=attrs, check=check)
+
+
+RESIDUAL = _payload(
+    RESIDUAL_LAYOUT,
     "residual release: clipped, noised, 1-bit",
     {
         "shape": ResidualShape(),
@@ -147,18 +174,17 @@ RESIDUAL = Record(
         "event": PrivacyEvent(RESIDUAL_EVENTS),
         "bits": Array(np.uint8, 2, copy=False),
     },
-    check=_check_residual,
+    _check_residual,
 )
-LABELS = Record(
-    NoisyLabels,
+LABELS = _payload(
+    LABELS_LAYOUT,
     "label release",
     {
         "classes": Integer(2, MAX_CLASSES),
         "event": PrivacyEvent(LABEL_EVENTS),
         "values": Array(np.int64, 1),
     },
-    attrs={"values": "labels"},
-    check=_check_labels,
+    _check_labels,
 )
 GRADIENTS = Record(
     NoisyLabelGradients,

@@ -14,7 +14,7 @@ from asymflow.accounting.events import Gaussian, RandomizedResponse
 from asymflow.delta.labels import NoisyLabels
 from asymflow.delta.sanitize import SanitizedResidual
 from asymflow.transport import ddp, wire
-from asymflow.transport.server import PublicService, RefusedError
+from asymflow.transport.service import PublicService, RefusedError
 from asymflow.transport.spec import PublicSpec
 
 SHAPE = (4, 8, 8)

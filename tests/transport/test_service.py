@@ -15,7 +15,7 @@ from asymflow.delta.contract import dataset_id
 from asymflow.delta.labels import NoisyLabelGradients, NoisyLabels
 from asymflow.delta.sanitize import SanitizedResidual
 from asymflow.transport import wire
-from asymflow.transport.server import PublicService, RefusedError
+from asymflow.transport.service import PublicService, RefusedError
 from asymflow.transport.spec import PublicSpec
 
 SHAPE = (4, 8, 8)

@@ -3,7 +3,9 @@
 - :mod:`~asymflow.transport.wire`: the versioned binary envelope and its strict decoder;
 - :mod:`~asymflow.transport.spec`: the public model both sides agree on;
 - :mod:`~asymflow.transport.auth`: bearer token, TLS, :func:`keygen`;
-- :mod:`~asymflow.transport.server`: :func:`serve`, the public server process;
+- :mod:`~asymflow.transport.server`: :func:`serve`, the public server process (gRPC, TLS);
+- :mod:`~asymflow.transport.service`: :class:`PublicService`, what the server does with a call;
+- :mod:`~asymflow.transport.sessions`: the server's sessions, replayed replies and snapshots;
 - :mod:`~asymflow.transport.ddp`: the public server's training as a torchrun DDP job;
 - :mod:`~asymflow.transport.client`: :class:`RemotePublic`, a ``PublicSide`` over gRPC.
 """

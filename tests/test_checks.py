@@ -12,6 +12,7 @@ import pytest
 
 import asymflow
 from asymflow.checks import (
+    check_bool,
     check_bounded_number,
     check_choice,
     check_delta,
@@ -54,6 +55,8 @@ def test_accounting_imports_only_itself_and_checks() -> None:
         (lambda: check_int("k", 0, 1), "k must be an integer >= 1, got 0"),
         (lambda: check_int("k", True, 0), "k must be an integer >= 0, got True"),
         (lambda: check_int("k", 1.0, 0), "k must be an integer >= 0, got 1.0"),
+        (lambda: check_int("--days", 0, 1, 3650), r"--days must be an integer in \[1, 3650\]"),
+        (lambda: check_bool("flip", 1), "flip must be a bool, got 1"),
         (lambda: check_positive("clip", math.inf), "clip must be a finite number > 0, got inf"),
         (lambda: check_positive("sigma", -1, zero=True), "sigma must be a finite number >= 0"),
         (lambda: check_number("q", 0.0, 0.0, 1.0, open_low=True), r"q must lie in \(0.0, 1.0\]"),

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 __all__ = [
+    "check_bool",
     "check_bounded_number",
     "check_choice",
     "check_delta",
@@ -33,15 +34,23 @@ def _number(value: object) -> float | None:
     return float(value)
 
 
-def check_int(name: str, value: object, low: int) -> int:
-    """``value`` as an int if it is an integer (not a bool) >= ``low``."""
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """``value`` as an int if it is an integer (not a bool) >= ``low`` (and <= ``high``)."""
     try:
         out = None if isinstance(value, bool) else operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         out = None
-    if out is None or out < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if out is None or out < low or (high is not None and out > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
     return out
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` itself if it is a bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def check_positive(name: str, value: object, *, zero: bool = False) -> float:

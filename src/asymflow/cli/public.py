@@ -123,8 +123,7 @@ def public_keygen(
     Example: asymflow public keygen --out keys --host public.example.org
     """
     with errors({"days": "--days", "out_dir": "--out", "hosts": "--host"}):
-        if not 1 <= days <= MAX_DAYS:
-            raise CliInputError(f"--days must be an integer in [1, {MAX_DAYS}], got {days}")
+        check_int("--days", days, 1, MAX_DAYS)
         hosts = _hosts(host or [])
         if out.exists() and not out.is_dir():
             raise CliInputError(f"--out must be a directory, got the file {str(out)!r}")
@@ -251,12 +250,7 @@ def public_serve(
     """
     with errors(SERVE_OPTIONS):
         host = _check_serve(listen, token_file, cert, key, insecure_local, state_dir, log_level)
-        check_int("--max-message-mb", max_message_mb, 1)
-        if max_message_mb > MAX_MESSAGE_MB:
-            raise CliInputError(
-                f"--max-message-mb must be an integer in [1, {MAX_MESSAGE_MB}], "
-                f"got {max_message_mb}"
-            )
+        check_int("--max-message-mb", max_message_mb, 1, MAX_MESSAGE_MB)
         check_int("--max-concurrent", max_concurrent, 1)
         check_int("--max-sessions", max_sessions, 1)
         check_int("--max-held-mb", max_held_mb, 0)

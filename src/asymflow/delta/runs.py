@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from asymflow.checks import (
+    check_bool,
     check_bounded_number,
     check_choice,
     check_delta,
@@ -361,8 +362,7 @@ class DeltaConfig:
         check_bounded_number("weight_decay", self.weight_decay, low=0, high=1)
         check_bounded_number("alpha", self.alpha, low=0, high=100)
         for name in ("augment", "flip", "public_augment"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {name}={getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         eps = check_bounded_number("epsilon", self.epsilon, low=0, open_low=True)
         check_delta("delta", self.delta)
         check_positive("clip", self.clip)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from asymflow.accounting.best import CERTIFIED_METHODS, DEFAULT_METHODS
-from asymflow.checks import check_choice, check_int, check_noise, check_number
+from asymflow.checks import check_bool, check_choice, check_int, check_noise, check_number
 from asymflow.dpsgd.partition import UNITS, PartitionSpec
 from asymflow.runfiles import (
     CONFIG_FILE,
@@ -202,8 +202,7 @@ class DpsgdConfig:
         check_number("lr", self.lr, 0.0, 100.0, open_low=True)
         check_number("momentum", self.momentum, 0.0, 0.999)
         check_number("weight_decay", self.weight_decay, 0.0, 1.0)
-        if not isinstance(self.augment, bool):
-            raise ValueError(f"augment must be a bool, got augment={self.augment!r}")
+        check_bool("augment", self.augment)
         check_int("eval_batch_size", self.eval_batch_size, 1)
         check_int("seed", self.seed, 0)
         for name in ("sampler_seed", "noise_seed"):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from asymflow.accounting.events import RandomizedResponse
+from asymflow.checks import check_int, check_positive
 from asymflow.data.dataset import augment_batch
 from asymflow.delta.contract import (
     DEFAULT_MODEL,
@@ -92,10 +93,8 @@ class LocalPublic(TrainsWithArgs, StepwisePublicSide):
     ) -> None:
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must satisfy 0 <= momentum < 1, got {momentum}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        check_positive("weight_decay", weight_decay, zero=True)
+        check_int("eval_batch_size", eval_batch_size, 1)
         self.model_factory = model_factory
         self.momentum = momentum
         self.weight_decay = weight_decay
@@ -145,13 +144,9 @@ class LocalPublic(TrainsWithArgs, StepwisePublicSide):
         data, labels = self.dataset(dataset_id)
         if labels is None:
             raise ValueError(f"dataset_id must name a labelled data set, got {dataset_id!r}")
-        epochs = args.epochs
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"epochs must be an integer >= 0, got epochs={epochs!r}")
-        if args.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got batch_size={args.batch_size}")
-        if not args.lr > 0:
-            raise ValueError(f"lr must be > 0, got lr={args.lr}")
+        check_int("epochs", args.epochs, 0)
+        check_int("batch_size", args.batch_size, 1)
+        check_positive("lr", args.lr)
         return args.rows(len(data))
 
     def train_with(self, dataset_id: str, args: TrainArgs) -> dict[str, float]:
@@ -255,8 +250,7 @@ class LocalPublic(TrainsWithArgs, StepwisePublicSide):
         kept with its graph until :meth:`step_apply`; the next optimizer step uses ``lr``."""
         data, _ = self.dataset(dataset_id)
         rows = checked_rows(indices, len(data))
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got lr={lr}")
+        check_positive("lr", lr)
         net = self.model(model)
         x = data.subset(rows).unpack()
         if self.augment:

@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from asymflow.checks import check_int
+
 log = logging.getLogger(__name__)
 
 AUTH_HEADER = "authorization"
@@ -150,8 +152,7 @@ def keygen(
     ``hosts``), its key (``key.pem``, mode 600) and a random bearer token (``token``, 32
     bytes from ``secrets``, mode 600) into ``out_dir``. For local use and tests: a real
     deployment uses a certificate from its own CA."""
-    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
-        raise ValueError(f"days must be an integer in [1, 3650], got days={days!r}")
+    check_int("days", days, 1, 3650)
     if not hosts:
         raise ValueError("hosts must name at least one host or IP address")
     out = Path(out_dir)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from asymflow.checks import check_int, check_positive
 from asymflow.delta.contract import (
     DEFAULT_MODEL,
     WIRE_VERSION,
@@ -143,10 +144,8 @@ class RemotePublic(TrainsWithArgs):
             raise TypeError(f"config must be a DeltaConfig, got {type(config).__name__}")
         if spec is not None and not isinstance(spec, PublicSpec):
             raise TypeError(f"spec must be a PublicSpec, got {type(spec).__name__}")
-        if classes is not None and (
-            isinstance(classes, bool) or not isinstance(classes, int) or classes < 2
-        ):
-            raise ValueError(f"classes must be an integer >= 2 or None, got classes={classes!r}")
+        if classes is not None:
+            check_int("classes", classes, 2)
         if root_cert is None and not (insecure and is_loopback(host)):
             raise ValueError(
                 "root_cert (the server's TLS certificate or CA) is required; a plaintext "
@@ -156,17 +155,13 @@ class RemotePublic(TrainsWithArgs):
             raise ValueError("give token or token_file, not both")
         if token_file is not None:
             token = read_token(token_file)
-        if not (timeout > 0):
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        if train_timeout is not None and not (train_timeout > 0):
-            raise ValueError(f"train_timeout must be > 0 seconds or None, got {train_timeout}")
-        if isinstance(part_bytes, bool) or not isinstance(part_bytes, int) or part_bytes < 1024:
-            raise ValueError(f"part_bytes must be an integer >= 1024, got {part_bytes!r}")
+        self.timeout = check_positive("timeout", timeout)
+        if train_timeout is not None:
+            check_positive("train_timeout", train_timeout)
+        self.part_bytes = check_int("part_bytes", part_bytes, 1024)
         self.target = target
-        self.timeout = float(timeout)
         self.train_timeout = train_timeout
         self.retry = retry or RetryPolicy()
-        self.part_bytes = part_bytes
         self._config = config
         self._spec = spec
         self._classes = classes

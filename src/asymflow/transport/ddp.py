@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from asymflow.accounting.events import event_from_dict
+from asymflow.checks import check_int
 from asymflow.delta.contract import NoisyLabels, SanitizedResidual, TrainArgs
 from asymflow.public.local import LocalPublic
 from asymflow.transport.spec import PublicSpec
@@ -145,10 +146,7 @@ class DistributedPublic(LocalPublic):
     state as it was."""
 
     def __init__(self, spec: PublicSpec, *, nproc_per_node: int) -> None:
-        if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int):
-            raise ValueError(f"nproc_per_node must be an integer >= 1, got {nproc_per_node!r}")
-        if nproc_per_node < 1:
-            raise ValueError(f"nproc_per_node must be an integer >= 1, got {nproc_per_node}")
+        check_int("nproc_per_node", nproc_per_node, 1)
         super().__init__(spec.factory(), **spec.public_options())
         self.spec = spec
         self.nproc_per_node = nproc_per_node

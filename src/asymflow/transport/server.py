@@ -17,6 +17,7 @@ from concurrent import futures
 import grpc
 import torch
 
+from asymflow.checks import check_int
 from asymflow.transport import wire
 from asymflow.transport.auth import (
     BearerTokenInterceptor,
@@ -29,6 +30,7 @@ from asymflow.transport.service import (
     DEFAULT_MAX_HELD_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_SESSIONS,
+    METHODS,
     STATUS_OF_REFUSAL,
     PublicService,
     RefusedError,
@@ -37,18 +39,6 @@ from asymflow.transport.service import (
 log = logging.getLogger("asymflow.transport.server")
 
 SERVICE = wire.SERVICE
-METHODS: tuple[str, ...] = (
-    "Configure",
-    "Upload",
-    "Train",
-    "Logits",
-    "StepLogits",
-    "StepApply",
-    "GetState",
-    "LoadState",
-    "Forget",
-    "Health",
-)
 MISSING_KEY = wire.MISSING_KEY
 DEFAULT_MAX_CONCURRENT_RPCS = 16
 DEFAULT_WORKERS = 4
@@ -145,9 +135,8 @@ def serve(
                 "insecure_local=True is allowed only on a loopback address "
                 f"(127.0.0.1, ::1, localhost), got host={host!r}"
             )
-    for name, value in (("max_concurrent_rpcs", max_concurrent_rpcs), ("workers", workers)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+    check_int("max_concurrent_rpcs", max_concurrent_rpcs, 1)
+    check_int("workers", workers, 1)
     token = None if token_file is None else read_token(token_file)
     credentials = server_credentials(cert, key) if tls else None  # type: ignore[arg-type]
     service = PublicService(

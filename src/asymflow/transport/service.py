@@ -41,6 +41,7 @@ import grpc
 import numpy as np
 import torch
 
+from asymflow.checks import check_int
 from asymflow.delta.contract import WIRE_VERSION, SanitizedResidual
 from asymflow.public.local import LocalPublic
 from asymflow.transport import wire
@@ -63,6 +64,19 @@ DEFAULT_MAX_HELD_BYTES = 4 << 30
 MAX_MODELS_PER_SESSION = 16
 MAX_PENDING_UPLOADS = 8
 PENDING_UPLOAD_SECONDS = 3600.0
+METHODS = {
+    "Configure": "configure",
+    "Upload": "upload",
+    "Train": "train",
+    "Logits": "logits",
+    "StepLogits": "step_logits",
+    "StepApply": "step_apply",
+    "GetState": "get_state",
+    "LoadState": "load_state",
+    "Forget": "forget",
+    "Health": "health",
+}
+"""The service's gRPC methods and the :class:`PublicService` method answering each."""
 
 
 class RefusedError(Exception):
@@ -110,8 +124,7 @@ class PublicService:
             ("threads", threads, 1),
             ("nproc_per_node", nproc_per_node, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
+            check_int(name, value, low)
         self.max_message_bytes = max_message_bytes
         self.max_sessions = max_sessions
         self.max_held_bytes = max_held_bytes
@@ -200,24 +213,10 @@ class PublicService:
 
     def handle(self, method: str, request: bytes) -> bytes:
         """Decode ``request`` for ``method``, run it and return the encoded reply."""
-        handler = self._handlers().get(method)
-        if handler is None:
+        if method not in METHODS:
             raise RefusedError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
+        handler: Callable[[bytes], bytes] = getattr(self, METHODS[method])
         return handler(request)
-
-    def _handlers(self) -> dict[str, Callable[[bytes], bytes]]:
-        return {
-            "Configure": self.configure,
-            "Upload": self.upload,
-            "Train": self.train,
-            "Logits": self.logits,
-            "StepLogits": self.step_logits,
-            "StepApply": self.step_apply,
-            "GetState": self.get_state,
-            "LoadState": self.load_state,
-            "Forget": self.forget,
-            "Health": self.health,
-        }
 
     def _decode(self, request: bytes, kind: type[wire.M]) -> wire.M:
         return wire.decode(request, kind, max_bytes=self.max_message_bytes)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from asymflow.checks import check_bool, check_choice, check_int, check_number
 from asymflow.delta.contract import PublicConfig
 from asymflow.models import public_model
 from asymflow.models.resnet import ARCHS
@@ -29,31 +30,6 @@ MAX_SIDE = 4096
 
 MAX_SAMPLE_ELEMENTS = 1 << 26
 """Largest c*h*w of one residual (8 MiB of bits per sample)."""
-
-
-def _int(name: str, value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {name}={value!r}")
-    return value
-
-
-def _float(name: str, value: object, low: float, high: float, *, open_low: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, int | float)
-    if ok:
-        x = float(value)  # type: ignore[arg-type]
-        ok = math.isfinite(x) and (low < x if open_low else low <= x) and x <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ValueError(
-            f"{name} must be a number in {bracket}{low}, {high}], got {name}={value!r}"
-        )
-    return float(value)  # type: ignore[arg-type]
-
-
-def _bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {name}={value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -79,28 +55,24 @@ class PublicSpec:
     correct_label_noise: bool = True
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {tuple(ARCHS)}, got arch={self.arch!r}")
+        check_choice("arch", self.arch, tuple(ARCHS))
         if not isinstance(self.shape, tuple | list) or len(self.shape) != 3:
             raise ValueError(f"shape must be (c, h, w), got shape={self.shape!r}")
-        shape = tuple(_int(f"shape[{i}]", d, 1, MAX_SIDE) for i, d in enumerate(self.shape))
+        shape = tuple(check_int(f"shape[{i}]", d, 1, MAX_SIDE) for i, d in enumerate(self.shape))
         if math.prod(shape) > MAX_SAMPLE_ELEMENTS:
             raise ValueError(
                 f"shape must have c*h*w <= {MAX_SAMPLE_ELEMENTS}, got {shape} "
                 f"({math.prod(shape)} elements)"
             )
         object.__setattr__(self, "shape", shape)
-        _int("classes", self.classes, 2, MAX_CLASSES)
-        object.__setattr__(self, "width", _float("width", self.width, 0.0, 16.0, open_low=True))
-        _int("init_seed", self.init_seed, 0, 2**63 - 1)
-        object.__setattr__(self, "momentum", _float("momentum", self.momentum, 0.0, 0.999))
-        object.__setattr__(
-            self, "weight_decay", _float("weight_decay", self.weight_decay, 0.0, 1.0)
-        )
-        _bool("augment", self.augment)
-        _bool("flip", self.flip)
-        _bool("correct_label_noise", self.correct_label_noise)
-        _int("eval_batch_size", self.eval_batch_size, 1, 1 << 16)
+        check_int("classes", self.classes, 2, MAX_CLASSES)
+        for name, high in (("width", 16.0), ("momentum", 0.999), ("weight_decay", 1.0)):
+            value = check_number(name, getattr(self, name), 0.0, high, open_low=name == "width")
+            object.__setattr__(self, name, value)
+        check_int("init_seed", self.init_seed, 0, 2**63 - 1)
+        for name in ("augment", "flip", "correct_label_noise"):
+            check_bool(name, getattr(self, name))
+        check_int("eval_batch_size", self.eval_batch_size, 1, 1 << 16)
 
     @classmethod
     def from_config(

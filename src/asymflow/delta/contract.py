@@ -366,6 +366,31 @@ class TrainsWithArgs:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class StepArgs:
+    """One step of :meth:`StepwisePublicSide.step_logits`: z_res of the rows ``indices`` of an
+    uploaded data set from model ``model`` in training mode, augmented with the seed of
+    (``seed``, ``step``); the optimizer step that follows uses ``lr``."""
+
+    indices: np.ndarray = field(compare=False)
+    lr: float
+    seed: int
+    step: int
+    model: str = DEFAULT_MODEL
+
+
+class StepsWithArgs:
+    """:meth:`StepwisePublicSide.step_logits` for an implementation of
+    :meth:`step_logits_with`: the keyword arguments become one :class:`StepArgs`."""
+
+    def step_logits(self, dataset_id: str, indices: np.ndarray, **options: Any) -> Tensor:
+        return self.step_logits_with(dataset_id, StepArgs(indices, **options))
+
+    def step_logits_with(self, dataset_id: str, args: StepArgs) -> Tensor:
+        """z_res (B, classes) of one step as ``args`` says, in training mode."""
+        raise NotImplementedError
+
+
 # ------------------------------------------------------------------------------ cross-fitting
 
 

@@ -30,6 +30,8 @@ from asymflow.delta.contract import (
     NoisyLabelGradients,
     NoisyLabels,
     SanitizedResidual,
+    StepArgs,
+    StepsWithArgs,
     StepwisePublicSide,
     TrainArgs,
     TrainsWithArgs,
@@ -70,7 +72,7 @@ class _Stored:
     labels: NoisyLabels | None
 
 
-class LocalPublic(TrainsWithArgs, StepwisePublicSide):
+class LocalPublic(TrainsWithArgs, StepsWithArgs, StepwisePublicSide):
     """An in-process :class:`StepwisePublicSide`: each named M_res (built by ``model_factory``
     on first use) is trained with SGD (momentum, weight decay) and a cosine learning rate on the
     unpacked +-1 bits and the label-DP labels.
@@ -236,31 +238,22 @@ class LocalPublic(TrainsWithArgs, StepwisePublicSide):
             self.model(name).load_state_dict(weights)
             self.optimizers[name].load_state_dict(state["optimizers"][name])
 
-    def step_logits(
-        self,
-        dataset_id: str,
-        indices: np.ndarray,
-        *,
-        lr: float,
-        seed: int,
-        step: int,
-        model: str = DEFAULT_MODEL,
-    ) -> Tensor:
-        """z_res of rows ``indices`` in training mode (augmented with the seed of ``step``),
-        kept with its graph until :meth:`step_apply`; the next optimizer step uses ``lr``."""
+    def step_logits_with(self, dataset_id: str, args: StepArgs) -> Tensor:
+        """z_res of the step's rows in training mode, kept with its graph until
+        :meth:`step_apply`."""
         data, _ = self.dataset(dataset_id)
-        rows = checked_rows(indices, len(data))
-        check_positive("lr", lr)
-        net = self.model(model)
+        rows = checked_rows(args.indices, len(data))
+        check_positive("lr", args.lr)
+        net = self.model(args.model)
         x = data.subset(rows).unpack()
         if self.augment:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + args.step)
             x = augment_batch(x, gen, padding=max(1, data.shape[1] // 8), flip=self.flip)
-        for group in self.optimizers[model].param_groups:
-            group["lr"] = lr
+        for group in self.optimizers[args.model].param_groups:
+            group["lr"] = args.lr
         net.train()
         z = net(x)
-        self._pending[model] = z
+        self._pending[args.model] = z
         return z.detach().clone()
 
     def step_apply(self, gradients: NoisyLabelGradients, *, model: str = DEFAULT_MODEL) -> None:

@@ -34,6 +34,8 @@ from asymflow.delta.contract import (
     NoisyLabels,
     PublicConfig,
     SanitizedResidual,
+    StepArgs,
+    StepsWithArgs,
     TrainArgs,
     TrainsWithArgs,
     check_payload,
@@ -107,7 +109,7 @@ def _new_id() -> str:
     return secrets.token_hex(16)
 
 
-class RemotePublic(TrainsWithArgs):
+class RemotePublic(TrainsWithArgs, StepsWithArgs):
     """A :class:`asymflow.delta.contract.StepwisePublicSide` on a remote public server.
 
     ``target`` is ``HOST:PORT``. TLS trusts ``root_cert`` (the server's CA or self-signed
@@ -394,21 +396,13 @@ class RemotePublic(TrainsWithArgs):
             method, grpc.StatusCode.ABORTED, f"the server kept losing data set {dataset_id}"
         )
 
-    def step_logits(
-        self,
-        dataset_id: str,
-        indices: np.ndarray,
-        *,
-        lr: float,
-        seed: int,
-        step: int,
-        model: str = DEFAULT_MODEL,
-    ) -> Tensor:
-        """z_res of rows ``indices`` in training mode, held on the server for
+    def step_logits_with(self, dataset_id: str, args: StepArgs) -> Tensor:
+        """z_res of the step's rows in training mode, held on the server for
         :meth:`step_apply` (see :class:`asymflow.delta.contract.StepwisePublicSide`)."""
-        rows = checked_rows(indices, np.iinfo(np.int64).max).astype(np.int64)
+        rows = checked_rows(args.indices, np.iinfo(np.int64).max).astype(np.int64)
+        model = args.model
         message = wire.StepLogitsRequest(
-            self.session, _new_id(), dataset_id, float(lr), seed, step, model, rows
+            self.session, _new_id(), dataset_id, float(args.lr), args.seed, args.step, model, rows
         )
         self._steps[model] = wire.encode(message)
         return self._step_logits(model, dataset_id)

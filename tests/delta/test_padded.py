@@ -81,9 +81,11 @@ def test_padded_chunks_carry_sampled_records_and_zeros_elsewhere():
             torch.testing.assert_close(out[slot], expected)
 
 
-def test_an_empty_slot_is_pure_noise_and_carries_a_uniform_label():
+def test_an_empty_slot_is_pure_noise_and_carries_a_uniform_label(tmp_path):
     sanitizer = Sanitizer(1.0, 0.5, seed=0)
-    bits = (sanitizer.clip_and_noise(torch.zeros(200, 4, 8, 8)) >= 0).float()
+    with PrivacyLedger.for_run(tmp_path) as ledger:
+        release = sanitizer.record_release(ledger, dataset="d", scope="slots")
+        bits = (sanitizer.sanitize(torch.zeros(200, 4, 8, 8), release).unpack() > 0).float()
     assert abs(float(bits.mean()) - 0.5) < 6 * math.sqrt(0.25 / bits.numel())
     plan = SlotPlan.draw(records=10, slots=20_010, k=1, epochs=2, classes=3, row=1, seed=3)
     labels = slot_labels(plan, np.arange(10) % 3)

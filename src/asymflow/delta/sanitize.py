@@ -2,14 +2,14 @@
 
 Per sample: clip R <- R / max(1, ||R||_2 / C); add N(0, sigma^2 C^2 I); quantize to one bit
 1[R_noisy >= 0]; pack 8 bits per byte. Steps 2-3 are the Gaussian mechanism (sensitivity C)
-followed by post-processing (Niu et al. 2024, Sec. 3.3; DESIGN.md sec. 3). The privacy event is
-written to the ledger before any bit is handed on.
+followed by post-processing (Niu et al. 2024, Sec. 3.3; DESIGN.md sec. 3); the bits are drawn
+with exactly that law, without drawing the Gaussian (:mod:`asymflow.delta.noisy_sign`). The
+privacy event is written to the ledger before any bit is handed on.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,15 +19,13 @@ from torch import Tensor
 from asymflow.accounting.events import BalancedSampled, Event, Gaussian, PoissonSampled
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.delta.contract import SanitizedResidual
-
-_CACHE_ELEMENTS = 1 << 19
-"""Residual elements per block of the sanitizer's passes (2 MiB of float32: cache-sized)."""
+from asymflow.delta.noisy_sign import KeyStream, noisy_sign_bits
 
 
 class Sanitizer:
     """Clip, noise and quantize residuals; every call is one recorded release per sample.
 
-    With ``seed=None`` (production) the noise generator is seeded from the operating system's
+    With ``seed=None`` (production) the noise keystream is keyed from the operating system's
     cryptographically secure source (``secrets``); tests pass a fixed seed.
 
     A per-record release is not inside a noisy sum, so subsampling alone does not amplify it
@@ -69,9 +67,7 @@ class Sanitizer:
         elif padded_slots is not None:
             raise ValueError("padded_slots must come with a sampling event, got sampling=None")
         self.sigma = float(sigma)
-        self._gen = torch.Generator().manual_seed(
-            secrets.randbits(63) if seed is None else int(seed)
-        )
+        self._stream = KeyStream(seed)
 
     @classmethod
     def for_epsilon(
@@ -87,14 +83,6 @@ class Sanitizer:
         from asymflow.accounting.gaussian import gaussian_sigma_for_epsilon  # heavy: scipy
 
         return cls(clip, gaussian_sigma_for_epsilon(epsilon, delta, releases), seed=seed)
-
-    def clip_and_noise(self, residual: Tensor) -> Tensor:
-        """R / max(1, ||R||/C) + N(0, sigma^2 C^2) per sample (before quantization)."""
-        flat = residual.detach().flatten(1).float()
-        norms = flat.norm(dim=1, keepdim=True)
-        clipped = flat / torch.clamp(norms / self.clip, min=1.0)
-        noise = torch.randn(flat.shape, generator=self._gen) * (self.sigma * self.clip)
-        return clipped + noise
 
     def record_release(
         self, ledger: PrivacyLedger, *, dataset: str, scope: str, note: str = "residual release"
@@ -112,21 +100,14 @@ class Sanitizer:
         return SanitizedResidual(self._bits(residual), tuple(residual.shape[1:]), self.event)
 
     def _bits(self, residual: Tensor) -> np.ndarray:
-        """Packed 1[clip(R) + noise >= 0], the same noise draws and the same float32 values as
-        :meth:`clip_and_noise`, in one buffer: noise <- noise * sigma C + R / scale in place
-        (``addcdiv_`` with value 1 is exactly the division and the sum), then the sign. The
-        noise of the whole batch is drawn at once (the generator's order); the rest runs on
-        blocks of rows that stay in cache (per-row norms: the same values)."""
-        flat = residual.detach().flatten(1).float()
-        noisy = torch.randn(flat.shape, generator=self._gen)
-        bits = np.empty((flat.shape[0], math.ceil(flat.shape[1] / 8)), dtype=np.uint8)
-        rows = max(1, _CACHE_ELEMENTS // max(1, flat.shape[1]))
-        for i in range(0, flat.shape[0], rows):
-            part, noise = flat[i : i + rows], noisy[i : i + rows]
-            scale = torch.clamp(part.norm(dim=1, keepdim=True) / self.clip, min=1.0)
-            noise.mul_(self.sigma * self.clip).addcdiv_(part, scale)
-            bits[i : i + rows] = np.packbits(torch.ge(noise, 0).numpy(), axis=1)
-        return bits
+        """Packed 1[R / max(1, ||R|| / C) + N(0, sigma^2 C^2) >= 0] per sample, drawn as
+        1[R + sigma C max(1, ||R|| / C) Z >= 0] (the same bit: the clip is a positive scale)."""
+        flat = residual.detach().flatten(1).float().contiguous()
+        norms = flat.norm(dim=1)
+        if not bool(torch.isfinite(norms).all()):
+            raise ValueError("residual must be finite, got inf or nan entries")
+        scale = torch.clamp(norms.double() / self.clip, min=1.0) * (self.sigma * self.clip)
+        return noisy_sign_bits(flat.numpy(), scale.numpy(), self._stream)
 
 
 @dataclass(frozen=True)

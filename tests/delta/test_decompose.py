@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from asymflow.delta.builders import build_private
 from asymflow.delta.decompose import block_dct_low, dct_matrix, decompose, top_singular
+from asymflow.delta.private import PrivateModel
+from asymflow.models.lowrank import build_private_model
+from tests.delta.conftest import tiny_config
 
 
 def low_rank_ir(b: int = 6, c: int = 16, h: int = 16, w: int = 16, rank: int = 4) -> torch.Tensor:
@@ -114,3 +118,34 @@ def test_fast_path_result_does_not_depend_on_the_batch():
     alone = decompose(x[2:3], r=4, t=8, t_low=4)
     together = decompose(x, r=4, t=8, t_low=4)
     torch.testing.assert_close(alone.residual[0], together.residual[2], rtol=0, atol=1e-5)
+
+
+def test_overwrite_gives_the_same_split_in_the_inputs_memory():
+    x = low_rank_ir()
+    expected = decompose(x.clone())
+    got = decompose(x, overwrite=True)
+    assert got.residual.data_ptr() == x.data_ptr()  # no second IR-sized tensor
+    torch.testing.assert_close(got.residual, expected.residual, rtol=0, atol=0)
+    torch.testing.assert_close(got.features, expected.features, rtol=0, atol=0)
+
+
+def test_overwrite_refuses_an_input_that_needs_grad():
+    with pytest.raises(ValueError, match="overwrite=True"):
+        decompose(low_rank_ir().requires_grad_(), overwrite=True)
+
+
+@pytest.mark.parametrize("backbone", ["stem", "identity"])
+def test_private_model_decompose_leaves_the_images_alone(backbone):
+    """PrivateModel.decompose overwrites M_bb's output, never the caller's images (an
+    identity M_bb returns the images' own memory)."""
+    if backbone == "stem":
+        model = build_private(tiny_config(), 3, 10)
+        x = torch.randn(4, 3, 16, 16)
+    else:
+        main = build_private_model(2, 10, widths=(8,), ranks=(2,))
+        model = PrivateModel(torch.nn.Identity(), main, r=2, t=8, t_low=4)
+        x = low_rank_ir()
+    before = x.clone()
+    split = model.decompose(x)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
+    torch.testing.assert_close(split.main + split.residual, model.ir(x), rtol=0, atol=1e-5)

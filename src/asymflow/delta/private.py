@@ -290,8 +290,11 @@ class PrivateModel(nn.Module):
 
     @torch.no_grad()
     def decompose(self, x: Tensor) -> Decomposition:
-        """The full decomposition of M_bb(x): features, main part and residual."""
-        return decompose(self.ir(x), r=self.r, t=self.t, t_low=self.t_low)
+        """The full decomposition of M_bb(x): features, main part and residual (written over
+        the IR, a temporary here, unless M_bb returned x's own memory)."""
+        ir = self.ir(x)
+        fresh = ir.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        return decompose(ir, r=self.r, t=self.t, t_low=self.t_low, overwrite=fresh)
 
     @torch.no_grad()
     def residual(self, x: Tensor) -> Tensor:

@@ -17,13 +17,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from asymflow.models.resnet import (
-    NormKind,
-    check_positive_int,
-    init_weights,
-    make_norm,
-    scale_width,
-)
+from asymflow.checks import check_int
+from asymflow.models.resnet import NormKind, init_weights, make_norm, scale_width
 
 RESNET18_PRIVATE_WIDTHS: tuple[int, ...] = (64, 256, 512)
 """Output channels n of each block group for the ResNet-18 private model (Delta, r = 8)."""
@@ -51,11 +46,11 @@ class FactorizedConv2d(nn.Module):
         stride: int = 1,
     ) -> None:
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("out_channels", out_channels)
-        check_positive_int("kernel_size", kernel_size)
-        check_positive_int("rank", rank)
-        check_positive_int("stride", stride)
+        check_int("in_channels", in_channels, 1)
+        check_int("out_channels", out_channels, 1)
+        check_int("kernel_size", kernel_size, 1)
+        check_int("rank", rank, 1)
+        check_int("stride", stride, 1)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         self.in_channels = in_channels
@@ -139,18 +134,18 @@ class LowRankResNet(nn.Module):
         norm: NormKind = "batch",
     ) -> None:
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("blocks_per_group", blocks_per_group)
+        check_int("in_channels", in_channels, 1)
+        check_int("num_classes", num_classes, 1)
+        check_int("blocks_per_group", blocks_per_group, 1)
         if len(widths) != len(ranks) or not widths:
             raise ValueError(
                 f"widths and ranks must be non-empty and of equal length, "
                 f"got widths={tuple(widths)}, ranks={tuple(ranks)}"
             )
         for i, n in enumerate(widths):
-            check_positive_int(f"widths[{i}]", n)
+            check_int(f"widths[{i}]", n, 1)
         for i, q in enumerate(ranks):
-            check_positive_int(f"ranks[{i}]", q)
+            check_int(f"ranks[{i}]", q, 1)
         self.in_channels = in_channels
         self.widths = tuple(widths)
         self.ranks = tuple(ranks)
@@ -201,16 +196,16 @@ def build_private_model(
     ``width`` scales both n and q; for the demo use ``widths=DEMO_PRIVATE_WIDTHS,
     ranks=DEMO_PRIVATE_RANKS`` (equivalently ``width=0.25``).
     """
-    check_positive_int("r", r)
+    check_int("r", r, 1)
     if len(widths) != len(ranks):
         raise ValueError(
             f"widths and ranks must have equal length, got widths={tuple(widths)}, "
             f"ranks={tuple(ranks)}"
         )
     for i, n in enumerate(widths):
-        check_positive_int(f"widths[{i}]", n)
+        check_int(f"widths[{i}]", n, 1)
     for i, q in enumerate(ranks):
-        check_positive_int(f"ranks[{i}]", q)
+        check_int(f"ranks[{i}]", q, 1)
     scaled_widths = [scale_width(n, width) for n in widths]
     scaled_ranks = [scale_width(q, width) for q in ranks]
     return LowRankResNet(

@@ -57,11 +57,6 @@ ARCHS: dict[str, ResNetSpec] = {
 }
 
 
-def check_positive_int(name: str, value: int) -> None:
-    """:func:`asymflow.checks.check_int` with ``low=1``, for models/lowrank.py."""
-    check_int(name, value, 1)
-
-
 def get_spec(arch: str) -> ResNetSpec:
     """Look up an architecture by name; ``arch`` must be a key of :data:`ARCHS`."""
     check_choice("arch", arch, tuple(ARCHS))

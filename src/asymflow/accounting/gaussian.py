@@ -17,12 +17,14 @@ from asymflow.checks import check_delta
 
 
 def gaussian_delta(sigma: float, epsilon: float, count: int = 1) -> float:
-    """Exact delta(epsilon) of ``count`` Gaussian releases with noise multiplier sigma."""
+    """Exact delta(epsilon) of ``count`` Gaussian releases with noise multiplier sigma; the
+    second term as exp(eps + log Phi(.)), finite for every epsilon (e^eps alone overflows
+    above 709, which small sigmas reach while calibrating)."""
     check_epsilon(epsilon)
     mu = math.sqrt(count) / sigma
     return float(
         stats.norm.cdf(-epsilon / mu + mu / 2)
-        - math.exp(epsilon) * stats.norm.cdf(-epsilon / mu - mu / 2)
+        - math.exp(epsilon + stats.norm.logcdf(-epsilon / mu - mu / 2))
     )
 
 

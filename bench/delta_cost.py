@@ -25,6 +25,10 @@ Private and original steps are interleaved in one process with the same threads;
 is the median over repeats of (private / original) of adjacent measurements, which cancels most
 of the load of a shared machine. Absolute times are noisy; ratios are what to read. The
 decomposition writes the residual over the IR, as ``PrivateModel.decompose`` does.
+The allocator matters too: with glibc's defaults, tensors above its mmap threshold get fresh
+pages on every allocation, which the original network's large activations pay more often.
+``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824`` keeps
+freed memory for reuse (recorded in the JSON).
 
 Configurations: digits (the ``DeltaConfig`` defaults: 16x16 images, IR 32 channels, r=8,
 t/t'=16/8, the demo widths, ResNet-20 at width 0.5; the bundled digits images) and the CIFAR
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -470,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # the allocator's settings
         "seconds": time.perf_counter() - began,
         "results": results,
     }

@@ -232,3 +232,16 @@ def test_joint_step_at_rate_one_is_finite_and_above_its_parts():
     eps = RdpAccountant().compose(joint).epsilon(1e-5)
     assert math.isfinite(eps)
     assert eps >= RdpAccountant().compose(Gaussian(1.0)).epsilon(1e-5)
+
+
+def test_events_describe_themselves_for_the_ledger_listing():
+    nested = SelfComposed(BalancedSampled(1, 78, ModelPartitioned(2, Gaussian(1.1))), 3)
+    assert nested.describe() == "3 × [BIS(k=1 of T=78) ∘ Partitioned(1 of 2) ∘ Gaussian(σ=1.1)]"
+    assert Composed(
+        (PoissonSampled(0.01, Laplace(2.0)), Dropout(0.5, Gaussian(4.0)))
+    ).describe() == ("Poisson(q=0.01) ∘ Laplace(b=2) + Dropout(rate=0.5) ∘ Gaussian(σ=4)")
+    assert Composed(()).describe() == "nothing"
+    assert RandomizedResponse(2.0, 10).describe() == "RandomizedResponse(epsilon=2.0, classes=10)"
+    assert ModelPartitioned(4, Gaussian(1.0), noise_on_all_blocks=False).describe() == (
+        "Partitioned(1 of 4, noise on chosen block only) ∘ Gaussian(σ=1)"
+    )

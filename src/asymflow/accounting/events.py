@@ -54,6 +54,11 @@ class Event:
             out[f.name] = value
         return out
 
+    def describe(self) -> str:
+        """A short human-readable description, e.g. ``BIS(k=1 of T=78) ∘ Gaussian(σ=1.1)``."""
+        shown = ", ".join(f"{k}={v}" for k, v in self.to_dict().items() if k != "type")
+        return f"{type(self).__name__}({shown})"
+
 
 def event_from_dict(data: dict[str, Any]) -> Event:
     """Rebuild an event from :meth:`Event.to_dict` output; unknown types are refused."""
@@ -81,6 +86,9 @@ class Gaussian(Event):
     def __post_init__(self) -> None:
         _check_positive("sigma", self.sigma)
 
+    def describe(self) -> str:
+        return f"Gaussian(σ={self.sigma:g})"
+
 
 @dataclass(frozen=True, slots=True)
 class Laplace(Event):
@@ -90,6 +98,9 @@ class Laplace(Event):
 
     def __post_init__(self) -> None:
         _check_positive("b", self.b)
+
+    def describe(self) -> str:
+        return f"Laplace(b={self.b:g})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +141,9 @@ class PoissonSampled(Event):
             raise ValueError(f"q must satisfy 0 <= q <= 1, got q={self.q}")
         _check_event("event", self.event)
 
+    def describe(self) -> str:
+        return f"Poisson(q={self.q:g}) ∘ {self.event.describe()}"
+
 
 @dataclass(frozen=True, slots=True)
 class BalancedSampled(Event):
@@ -146,6 +160,9 @@ class BalancedSampled(Event):
         if self.k > self.steps:
             raise ValueError(f"k must satisfy 1 <= k <= steps, got k={self.k}, steps={self.steps}")
         _check_event("event", self.event)
+
+    def describe(self) -> str:
+        return f"BIS(k={self.k} of T={self.steps}) ∘ {self.event.describe()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +184,10 @@ class ModelPartitioned(Event):
         if not isinstance(self.noise_on_all_blocks, bool):
             raise TypeError("noise_on_all_blocks must be a bool")
 
+    def describe(self) -> str:
+        noise = "" if self.noise_on_all_blocks else ", noise on chosen block only"
+        return f"Partitioned(1 of {self.parts}{noise}) ∘ {self.event.describe()}"
+
 
 @dataclass(frozen=True, slots=True)
 class Dropout(Event):
@@ -183,6 +204,9 @@ class Dropout(Event):
             raise ValueError(f"rate must satisfy 0 < rate < 1, got rate={self.rate}")
         _check_event("event", self.event)
 
+    def describe(self) -> str:
+        return f"Dropout(rate={self.rate:g}) ∘ {self.event.describe()}"
+
 
 @dataclass(frozen=True, slots=True)
 class SelfComposed(Event):
@@ -194,6 +218,9 @@ class SelfComposed(Event):
     def __post_init__(self) -> None:
         _check_event("event", self.event)
         _check_int("count", self.count, 0)
+
+    def describe(self) -> str:
+        return f"{self.count} × [{self.event.describe()}]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +234,9 @@ class Composed(Event):
             object.__setattr__(self, "events", tuple(self.events))
         for i, e in enumerate(self.events):
             _check_event(f"events[{i}]", e)
+
+    def describe(self) -> str:
+        return " + ".join(e.describe() for e in self.events) or "nothing"
 
 
 def check_epsilon(epsilon: float) -> None:

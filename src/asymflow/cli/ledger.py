@@ -18,17 +18,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from asymflow.accounting.events import (
-    BalancedSampled,
-    Composed,
-    Dropout,
-    Event,
-    Gaussian,
-    Laplace,
-    ModelPartitioned,
-    PoissonSampled,
-    SelfComposed,
-)
 from asymflow.accounting.ledger import (
     ALL_SCOPE,
     LEDGER_FILENAME,
@@ -163,7 +152,7 @@ def ledger_show(
             "scope": e.scope,
             "count": e.count,
             "event": e.event.to_dict(),
-            "description": describe_event(e.event),
+            "description": e.event.describe(),
             "status": e.status,
             "note": e.note,
         }
@@ -243,26 +232,3 @@ def _print(
         f"headline ε spent: {fmt(result['epsilon'])} at δ={delta:g} for {where}, "
         f"{head['why']} ({kind}, method {result['method']}; {others})"
     )
-
-
-def describe_event(event: Event) -> str:
-    """A short human-readable description of a privacy event."""
-    if isinstance(event, Gaussian):
-        return f"Gaussian(σ={event.sigma:g})"
-    if isinstance(event, Laplace):
-        return f"Laplace(b={event.b:g})"
-    if isinstance(event, PoissonSampled):
-        return f"Poisson(q={event.q:g}) ∘ {describe_event(event.event)}"
-    if isinstance(event, BalancedSampled):
-        return f"BIS(k={event.k} of T={event.steps}) ∘ {describe_event(event.event)}"
-    if isinstance(event, ModelPartitioned):
-        noise = "" if event.noise_on_all_blocks else ", noise on chosen block only"
-        return f"Partitioned(1 of {event.parts}{noise}) ∘ {describe_event(event.event)}"
-    if isinstance(event, Dropout):
-        return f"Dropout(rate={event.rate:g}) ∘ {describe_event(event.event)}"
-    if isinstance(event, SelfComposed):
-        return f"{event.count} × [{describe_event(event.event)}]"
-    if isinstance(event, Composed):
-        return " + ".join(describe_event(e) for e in event.events) or "nothing"
-    fields = ", ".join(f"{key}={value}" for key, value in event.to_dict().items() if key != "type")
-    return f"{type(event).__name__}({fields})"

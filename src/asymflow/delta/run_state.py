@@ -23,6 +23,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from torch import Tensor, nn
+from torch.nn import functional
 
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.data import TensorImageDataset, augment_batch
@@ -293,6 +294,20 @@ class RunState:
                 for idx in row_chunks(len(self.test), self.config.eval_batch_size)
             ]
         )
+
+    def sgd_step(self, z: Tensor, y: Tensor, opt: Any, sched: Any) -> tuple[float, int]:
+        """One step on CE(z, y), plus alpha ||A A^T - I||_F^2 over M_main's factorized layers for
+        a private model: (the loss, the correct predictions); the progress bar shows the loss."""
+        loss = functional.cross_entropy(z, y)
+        if isinstance(self.model, PrivateModel) and self.config.alpha > 0:
+            loss = loss + self.model.main.orthogonality_penalty(self.config.alpha)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        self.bars.batch(f"loss {value:.3f}")
+        return value, int((z.argmax(1) == y).sum())
 
     def record_metrics(self, row: dict[str, Any]) -> None:
         head = PREDICTION_HEAD[self.config.variant]

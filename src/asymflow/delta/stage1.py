@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import torch
-from torch.nn import functional
 
 from asymflow.delta.builders import epoch_generator, epoch_order
 from asymflow.delta.private import PrivateModel
@@ -46,17 +45,9 @@ class Stage1(RunState):
             for i in range(self.steps):
                 idx = order[i * c.batch_size : (i + 1) * c.batch_size]
                 x, y = self.train_batch(idx, gen)
-                z = self.model(x)
-                loss = functional.cross_entropy(z, y)
-                if isinstance(self.model, PrivateModel) and c.alpha > 0:
-                    loss = loss + self.model.main.orthogonality_penalty(c.alpha)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                loss_sum += float(loss.detach()) * len(idx)
-                correct += int((z.argmax(1) == y).sum())
-                self.bars.batch(f"loss {float(loss.detach()):.3f}")
+                loss, right = self.sgd_step(self.model(x), y, opt, sched)
+                loss_sum += loss * len(idx)
+                correct += right
             row: dict[str, Any] = {
                 "stage": 1,
                 "epoch": epoch,

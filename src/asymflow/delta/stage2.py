@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn import functional
 
 from asymflow.accounting.events import Gaussian
 from asymflow.delta.builders import epoch_order, noise_seed, row_chunks
@@ -288,16 +287,9 @@ class Stage2(Releases):
             z = model.main(features[idx])
             if z_res is not None:
                 z = model.combine(z, z_res[idx])
-            loss = functional.cross_entropy(z, y)
-            if c.alpha > 0:
-                loss = loss + model.main.orthogonality_penalty(c.alpha)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((z.argmax(1) == y).sum())
-            self.bars.batch(f"loss {float(loss.detach()):.3f}")
+            loss, right = self.sgd_step(z, y, opt, sched)
+            loss_sum += loss * len(idx)
+            correct += right
         return {
             "train_loss": loss_sum / len(self.fit_rows),
             "train_acc": correct / len(self.fit_rows),

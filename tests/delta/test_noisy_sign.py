@@ -6,9 +6,13 @@ Gaussian mechanism's bit law; each element is tested with a two-sided binomial t
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 import numpy as np
 import pytest
-from scipy import stats
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from scipy import special, stats
 
 from asymflow.delta.noisy_sign import KeyStream, noisy_sign_bits
 
@@ -84,3 +88,58 @@ def test_pooled_law_is_tight_where_the_shortcut_decides(a: float) -> None:
     bits = np.unpackbits(noisy_sign_bits(x, np.ones(2000), KeyStream(6)), axis=1)
     pvalue = stats.binomtest(int(bits.sum()), bits.size, float(stats.norm.cdf(a))).pvalue
     assert pvalue > 1e-4
+
+
+class _RowStream(KeyStream):
+    """A fake stream for exact checks: every element of row r gets the byte v = r, the fair
+    bits are NOT sign(x) and every uniform is w. So an output bit equals sign(x) exactly
+    where the sampler chose the sign."""
+
+    def __init__(self, x: np.ndarray, w: float) -> None:
+        rows, n = x.shape
+        self._parts = {
+            self.V: np.repeat(np.arange(rows, dtype=np.uint8), n),
+            self.FAIR: np.packbits(x < 0, axis=1).reshape(-1),
+        }
+        self._w = w
+
+    def draw(self, stream: int, count: int) -> np.ndarray:
+        out, self._parts[stream] = self._parts[stream][:count], self._parts[stream][count:]
+        return out
+
+    def uniforms(self, count: int) -> np.ndarray:
+        return np.full(count, self._w)
+
+
+@pytest.mark.parametrize("scale", [1e-42, 1e-39, 1e-30, 0.37, 1.0, 1e30, 1e40, 1e41])
+def test_the_shortcut_never_takes_a_coin_where_the_exact_rule_takes_the_sign(scale):
+    """Exact, not statistical: V = (v + w) / 256 < erf(|a| / sqrt 2) decides the sign for
+    every byte v, at x on both sides (a few float32 ulps) of the two boundaries of each v,
+    a = sqrt 2 erfinv(v / 256) and a = v / (256 sqrt(2/pi)), and at scales whose shortcut
+    factor is subnormal or overflows in float32 (those must fall back to the exact rule). A
+    shortcut bound too small by 0.1%, or off by one byte, fails here."""
+    v = np.arange(256)
+    ulps = (1 + np.arange(-4, 5) * 2.0**-23)[None, :]
+    boundaries = [math.sqrt(2) * special.erfinv(v / 256), v / (256 * math.sqrt(2 / math.pi))]
+    with np.errstate(over="ignore"):  # beyond float32: the largest finite x instead
+        columns = [(b[:, None] * scale * ulps).astype(np.float32) for b in boundaries]
+    x = np.nan_to_num(np.concatenate([*columns, *(-c for c in columns)], axis=1))
+    for w in (0.0, 0.5, 1 - 2.0**-53):
+        bits = noisy_sign_bits(x, np.full(256, scale), _RowStream(x, w))
+        took_sign = np.unpackbits(bits, axis=1)[:, : x.shape[1]].astype(bool) == (x >= 0)
+        a = x.astype(np.float64) / scale
+        exact = (v[:, None] + w) / 256 < special.erf(np.abs(a) / math.sqrt(2))
+        np.testing.assert_array_equal(took_sign, exact)
+
+
+def test_keystreams_are_aes_ctr_from_three_disjoint_counters():
+    """Known answer: stream j is AES-256 of the counter blocks j * 2^64 + i under the seed's
+    key, read on across calls of odd sizes. Streams sharing a counter would let the fair
+    bits reveal other elements' bytes v."""
+    key = hashlib.sha256(b"asymflow noisy sign 5").digest()
+    aes = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    stream = KeyStream(5)
+    for j in (KeyStream.V, KeyStream.FAIR, KeyStream.UNIFORM):
+        got = bytes(stream.draw(j, 37)) + bytes(stream.draw(j, 40))
+        counters = b"".join(((j << 64) + i).to_bytes(16, "big") for i in range(5))
+        assert got == aes.update(counters)[:77]

@@ -11,6 +11,7 @@ from scipy import stats
 
 from asymflow.accounting.gaussian import gaussian_epsilon
 from asymflow.accounting.ledger import PrivacyLedger
+from asymflow.delta import sanitize as sanitize_module
 from asymflow.delta.sanitize import SanitizedResidual, Sanitizer
 
 
@@ -141,3 +142,20 @@ def test_bad_parameters_are_refused(clip, sigma):
 def test_wire_object_validates_its_size():
     with pytest.raises(ValueError, match="bytes per sample"):
         SanitizedResidual(np.zeros((2, 3), np.uint8), (3, 5, 5), Sanitizer(1.0, 1.0).event)
+
+
+def test_the_clip_uses_the_norm_in_float64(ledger, monkeypatch):
+    """A float32 sum of squares over 262,144 elements is low by ~1e-6 relative, which would
+    clip to slightly more than C; the scale sigma C max(1, ||R|| / C) must use the exact norm."""
+    seen = []
+
+    def capture(x: np.ndarray, scale: np.ndarray, stream: object) -> np.ndarray:
+        seen.append(scale)
+        return np.zeros((len(x), math.ceil(x.shape[1] / 8)), dtype=np.uint8)
+
+    monkeypatch.setattr(sanitize_module, "noisy_sign_bits", capture)
+    residual = torch.rand(3, 64, 64, 64, generator=torch.Generator().manual_seed(3)) + 1.0
+    san = Sanitizer(clip=1.0, sigma=0.5, seed=0)
+    san.sanitize(residual, san.record_release(ledger, dataset="d", scope="all"))
+    exact = residual.flatten(1).double().norm(dim=1).numpy() * 0.5
+    np.testing.assert_allclose(seen[0], exact, rtol=1e-12)

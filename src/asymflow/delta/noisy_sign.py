@@ -19,6 +19,13 @@ keystream bit: a generator whose state can be recovered from its output (Mersenn
 PCG64) would let the public side predict the fair bits and read the signs. A row's bytes (v
 and its fair bits) sit at a fixed offset of one stream, and W's are drawn in row-major order
 from a second, so the bits do not depend on how the rows are split into calls.
+
+Not constant-time: about sqrt(2/pi) sum|a| + n/256 elements of a row evaluate erf, so the
+running time reveals that aggregate to whoever can time the call (the Gaussian draw it
+replaces took the same time for any data). Clipping bounds it: ||a||_2 <= 1/sigma, so
+sum|a| <= sqrt(n)/sigma, a spread of a few hundred erf calls (a few microseconds) per CIFAR
+sample at sigma ~ 1. The public side sees only when payloads arrive, after the decomposition
+and M_main.
 """
 
 from __future__ import annotations
@@ -68,6 +75,16 @@ class KeyStream:
         return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def _shortcut_factor(scale: np.ndarray) -> np.ndarray:
+    """s / (256 sqrt(2/pi)) per row in float32; 0 (no shortcut: every nonzero element takes
+    the exact path) where float32 cannot hold it to a few ulps, i.e. where it would be
+    subnormal (rounding by up to 50%) or overflow (and 0 * inf = nan)."""
+    with np.errstate(over="ignore"):
+        factor = (scale / (256 * _COIN_BOUND)).astype(np.float32)
+    usable = (factor >= np.finfo(np.float32).tiny) & np.isfinite(factor)
+    return np.where(usable, factor, np.float32(0))
+
+
 def noisy_sign_bits(x: np.ndarray, scale: np.ndarray, stream: KeyStream) -> np.ndarray:
     """Packed bits 1[x + scale Z >= 0] (8 per byte, trailing pad bits 0) of x (rows, n) float32,
     with one noise scale > 0 per row (rows,) and independent Z per element."""
@@ -87,7 +104,8 @@ def noisy_sign_bits(x: np.ndarray, scale: np.ndarray, stream: KeyStream) -> np.n
         fair[:, -1] &= pad
         lim, big, pick = limit[:m], size[:m], chosen[:m]
         # v >= 256 sqrt(2/pi)|a|  <=>  |x| <= v s / (256 sqrt(2/pi)): a fair bit for sure
-        np.multiply(v, (s / (256 * _COIN_BOUND)).astype(np.float32)[:, None], out=lim)
+        with np.errstate(over="ignore"):  # lim = inf beyond float32: then |x| <= lim holds
+            np.multiply(v, _shortcut_factor(s)[:, None], out=lim)
         np.greater(np.abs(part, out=big), lim, out=pick)
         idx = np.flatnonzero(pick)
         s_idx = s[idx // n]

@@ -265,6 +265,9 @@ def work(directory: Path) -> None:
             tmp = directory / f".{RESULT_FILE}.tmp"
             torch.save(result, tmp)
             os.replace(tmp, directory / RESULT_FILE)
+        # tear down together: a rank that destroys its gloo group while the other still
+        # writes the result sometimes aborts ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -26,7 +26,8 @@ from asymflow.accounting.ledger import LEDGER_FILENAME, PrivacyLedger
 from asymflow.delta.padded import SlotPlan, padded_chunks, padded_sigma, slot_labels
 from asymflow.delta.runs import latest_checkpoint, release_file
 from asymflow.delta.sanitize import Sanitizer
-from asymflow.delta.train import TRAINED_BACKBONE, _Bars, _Run, holdout_split, train_delta
+from asymflow.delta.train import TRAINED_BACKBONE, _Run, holdout_split, train_delta
+from asymflow.progress import EpochBars
 from tests.delta.test_train import CrashingPublic, RecordingPublic, _CrashError
 
 
@@ -161,7 +162,7 @@ def test_each_epoch_releases_the_views_m_main_trains_on(tmp_path, tiny):
     run_dir = tmp_path / "run"
     public = RecordingPublic(config, run_dir)
     train_delta(config, run_dir, progress=False, public=public)
-    with _Bars(False, "x") as bars:
+    with EpochBars(False, "x") as bars:
         run = _Run(config, tmp_path / "probe", None, bars)
         run.model.load_state_dict(
             torch.load(run_dir / "ckpt" / "stage2_epoch2.pt", weights_only=True)["model"]

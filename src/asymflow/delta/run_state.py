@@ -1,6 +1,6 @@
 """The state of one Delta training run, shared by its stages: data, models, the ledger and
 the public side; checkpoints and the cache of released payloads (each kept in a file right
-after its release, :mod:`asymflow.delta.runs`); evaluation on the test set; progress bars."""
+after its release, :mod:`asymflow.delta.runs`); evaluation on the test set."""
 
 from __future__ import annotations
 
@@ -12,16 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from torch import Tensor, nn
 from torch.nn import functional
 
@@ -50,6 +40,7 @@ from asymflow.delta.runs import (
     save_checkpoint,
     save_release,
 )
+from asymflow.progress import EpochBars
 from asymflow.public.local import LocalPublic
 
 CHECKPOINT_FORMAT = 2
@@ -62,53 +53,6 @@ PREDICTION_HEAD = {
     "original": "combined",
 }
 """Which head is the variant's prediction."""
-
-
-class Bars:
-    """Rich progress bars on stderr: one for the epochs of a stage, one for its batches."""
-
-    def __init__(self, enabled: bool, title: str) -> None:
-        self.title = title
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=Console(stderr=True),
-            disable=not enabled,
-        )
-        self.epochs: TaskID | None = None
-        self.batches: TaskID | None = None
-
-    def __enter__(self) -> Bars:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(None, None, None)
-
-    def stage(self, name: str, total: int, done: int) -> None:
-        if self.batches is not None:
-            self.progress.remove_task(self.batches)
-            self.batches = None
-        self.epochs = self.progress.add_task(
-            f"{self.title} {name}", total=total, completed=done, info=""
-        )
-
-    def start_batches(self, what: str, total: int) -> None:
-        if self.batches is not None:
-            self.progress.remove_task(self.batches)
-        self.batches = self.progress.add_task(f"  {what}", total=total, info="")
-
-    def batch(self, info: str = "") -> None:
-        if self.batches is not None:
-            self.progress.update(self.batches, advance=1, info=info)
-
-    def epoch_done(self, info: str) -> None:
-        if self.epochs is not None:
-            self.progress.update(self.epochs, advance=1, info=info)
 
 
 def release_reference(name: str, digest: str, arrays: dict[str, np.ndarray]) -> dict[str, str]:
@@ -141,7 +85,7 @@ class RunState:
         config: DeltaConfig,
         run_dir: Path,
         public: PublicSide | None,
-        bars: Bars,
+        bars: EpochBars,
         overlap: bool = False,
     ) -> None:
         self.config = config

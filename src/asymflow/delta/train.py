@@ -51,7 +51,6 @@ from asymflow.delta.contract import PublicSide
 from asymflow.delta.private import PrivateModel
 from asymflow.delta.releases import TRAINED_BACKBONE
 from asymflow.delta.run_state import CHECKPOINT_FORMAT, PREDICTION_HEAD
-from asymflow.delta.run_state import Bars as _Bars
 from asymflow.delta.runs import (
     CONFIG_FILE,
     RESULT_FILE,
@@ -70,6 +69,7 @@ from asymflow.delta.runs import (
 from asymflow.delta.stage1 import Stage1
 from asymflow.delta.stage2 import Stage2
 from asymflow.models import count_macs
+from asymflow.progress import EpochBars
 from asymflow.runfiles import check_resumable
 from asymflow.threads import torch_threads
 
@@ -226,7 +226,7 @@ def train_delta(
     check_resumable(run_dir, config, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, config)
-    with torch_threads(config.threads), _Bars(progress, run_dir.name or config.variant) as bars:
+    with torch_threads(config.threads), EpochBars(progress, run_dir.name or config.variant) as bars:
         run = _Run(config, run_dir, public, bars, overlap=overlap)
         try:
             found = latest_checkpoint(run_dir) if resume else None

@@ -47,16 +47,6 @@ from typing import Any
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from torch import Tensor, nn
 from torch.nn import functional
 
@@ -81,6 +71,7 @@ from asymflow.dpsgd.runs import (
     truncate_metrics,
 )
 from asymflow.models import build_model
+from asymflow.progress import EpochBars
 from asymflow.runfiles import SAMPLING_NOISE_SEEDS, check_resumable
 from asymflow.threads import torch_threads
 
@@ -114,50 +105,6 @@ class DpsgdResult:
         if math.isinf(out["epsilon"]):
             out["epsilon"] = "inf"
         return out
-
-
-class _Bars:
-    """Rich progress bars on stderr: epochs (``done`` of them before a resume), and the steps of
-    the current epoch."""
-
-    def __init__(self, enabled: bool, epochs: int, done: int = 0) -> None:
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=Console(stderr=True),
-            disable=not enabled,
-        )
-        self.epochs = epochs
-        self.done = done
-        self.epoch_task: TaskID | None = None
-        self.step_task: TaskID | None = None
-
-    def __enter__(self) -> _Bars:
-        self.progress.__enter__()
-        self.epoch_task = self.progress.add_task(
-            "dp-sgd epochs", total=self.epochs, completed=self.done, info=""
-        )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(None, None, None)
-
-    def start_epoch(self, epoch: int, steps: int) -> None:
-        if self.step_task is not None:
-            self.progress.remove_task(self.step_task)
-        self.step_task = self.progress.add_task(f"  epoch {epoch}", total=steps, info="")
-
-    def step(self) -> None:
-        if self.step_task is not None:
-            self.progress.advance(self.step_task)
-
-    def epoch_done(self, info: str) -> None:
-        if self.epoch_task is not None:
-            self.progress.update(self.epoch_task, advance=1, info=info)
 
 
 def calibrated_sigma(
@@ -363,9 +310,10 @@ def train_dpsgd(
             metrics = read_metrics(run_path)
             acc = metrics[-1]["test_acc"] if metrics else 0.0
             loader = private_loader(train_set, sampler)
-            with _Bars(progress, config.epochs, done) as bars:
+            with EpochBars(progress, "dp-sgd") as bars:
+                bars.stage("epochs", config.epochs, done)
                 for epoch in range(done + 1, config.epochs + 1):
-                    bars.start_epoch(epoch, len(sampler))
+                    bars.start_batches(f"epoch {epoch}", len(sampler))
                     train_set.set_epoch(epoch)
                     sampler.set_epoch(epoch - 1)  # the sampler's passes count from 0
                     generator = _noise_generator(config.noise_seed, epoch)
@@ -383,7 +331,7 @@ def train_dpsgd(
                             generator=generator,
                             shared_clip=config.shared_clip,
                         )
-                        bars.step()
+                        bars.batch()
                     acc = _test_accuracy(model, test_set, config.eval_batch_size)
                     report = _spent(ledger, config)
                     row = {

@@ -39,8 +39,6 @@ import torch
 from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.data import load_data
@@ -78,6 +76,7 @@ from asymflow.federated.runs import (
 )
 from asymflow.federated.selection import ClientSelector
 from asymflow.federated.strategy import ClientLevelDp, arrays_to_weights, weights_to_arrays
+from asymflow.progress import EpochBars
 from asymflow.runfiles import SAMPLING_NOISE_SEEDS
 
 __all__ = [
@@ -168,18 +167,8 @@ def serve(
             ),
             first_round=min(done + 1, config.rounds),
         )
-        bars = Progress(
-            TextColumn("[bold]federated rounds"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=Console(stderr=True),
-            disable=not progress,
-        )
-
-        with bars:
-            task = bars.add_task("rounds", total=config.rounds, completed=done, info="")
+        with EpochBars(progress, "federated") as bars:
+            bars.stage("rounds", config.rounds, done)
 
             def evaluate(flower_round: int, arrays: Any) -> MetricRecord | None:
                 if flower_round == 0 and metrics and metrics[-1]["round"] == done:
@@ -203,7 +192,7 @@ def serve(
                 if server_round > 0:
                     save_round(run_path, server_round, weights, config)
                     info = f"acc {acc:.3f}  eps {row['epsilon']:.3f}"
-                    bars.update(task, completed=server_round, info=info)
+                    bars.epoch_at(server_round, info)
                 return MetricRecord({"accuracy": acc, "epsilon": float(row["epsilon"])})
 
             if done < config.rounds:

@@ -23,6 +23,7 @@ from asymflow.accounting import (
     noise_for_epsilon,
     training_event,
 )
+from asymflow.accounting.best import check_methods
 from asymflow.accounting.events import NonPrivate, RandomizedResponse, event_from_dict
 from asymflow.accounting.montecarlo import MonteCarloAccountant
 
@@ -132,6 +133,13 @@ def test_best_epsilon_is_min_of_certified_and_names_method():
 def test_best_epsilon_refuses_unknown_method():
     with pytest.raises(ValueError, match="methods"):
         best_epsilon(Gaussian(1.0), 1e-5, methods=("mc",))
+
+
+@pytest.mark.parametrize("methods", [(), ("mc",), ("rdp", "montecarlo"), "rdp"])
+def test_methods_must_be_a_non_empty_subset_of_the_certified_ones(methods):
+    with pytest.raises(ValueError, match="methods must be a non-empty subset"):
+        best_epsilon(Gaussian(1.0), 1e-5, methods=methods)
+    assert check_methods(["pld", "rdp"]) == ("pld", "rdp")
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from asymflow.accounting.accountant import Accountant, UnsupportedEventError
@@ -22,6 +23,18 @@ CERTIFIED_METHODS: dict[str, type[Accountant]] = {
 
 # Methods tried by default (best_epsilon, the calibrator, ``asymflow account``).
 DEFAULT_METHODS: tuple[str, ...] = ("rdp", "pld", "pld-blocks")
+
+
+def check_methods(methods: Iterable[str]) -> tuple[str, ...]:
+    """``methods`` as a tuple; refused unless a non-empty subset of :data:`CERTIFIED_METHODS`
+    (Monte Carlo estimates are not certified, so they are never a method here)."""
+    methods = tuple(methods)
+    if not methods or any(m not in CERTIFIED_METHODS for m in methods):
+        raise ValueError(
+            f"methods must be a non-empty subset of {sorted(CERTIFIED_METHODS)}, "
+            f"got methods={methods!r}"
+        )
+    return methods
 
 
 @dataclass(frozen=True)
@@ -45,9 +58,7 @@ def best_epsilon(
     the same computation).
     """
     check_delta("delta", delta)
-    unknown = [m for m in methods if m not in CERTIFIED_METHODS]
-    if unknown:
-        raise ValueError(f"methods must be among {sorted(CERTIFIED_METHODS)}, got {unknown}")
+    methods = check_methods(methods)
     by_method: dict[str, float] = {}
     for name in methods:
         if name == "pld-blocks" and "pld" in methods and not uses_blocks(event):

@@ -58,6 +58,7 @@ from asymflow.accounting.best import (
     DEFAULT_METHODS,
     EpsilonReport,
     best_epsilon,
+    check_methods,
 )
 from asymflow.accounting.events import (
     BalancedSampled,
@@ -140,16 +141,14 @@ class AsymflowAccountant(IAccountant):
             )
         if ledger is not None and not isinstance(ledger, PrivacyLedger):
             raise TypeError(f"ledger must be a PrivacyLedger or None, got {type(ledger).__name__}")
-        unknown = [m for m in methods if m not in CERTIFIED_METHODS]
-        if unknown or not methods:
-            raise ValueError(f"methods must be a non-empty subset of {sorted(CERTIFIED_METHODS)}")
+        methods = check_methods(methods)
         self.sampler = sampler
         self.ledger = ledger
         self.dataset = dataset
         self.scope = scope
         self.step_event = step_event
         self.note = note
-        self.methods = tuple(methods)
+        self.methods = methods
         self.history: list[tuple[float, float, int]] = []
         self.ledger_rows: list[int] = []
         self._released = 0

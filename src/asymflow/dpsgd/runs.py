@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from asymflow.accounting.best import CERTIFIED_METHODS, DEFAULT_METHODS
+from asymflow.accounting.best import DEFAULT_METHODS, check_methods
 from asymflow.checks import check_bool, check_choice, check_int, check_noise, check_number
 from asymflow.dpsgd.partition import UNITS, PartitionSpec
 from asymflow.runfiles import (
@@ -208,12 +208,7 @@ class DpsgdConfig:
         for name in ("sampler_seed", "noise_seed"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 0)
-        object.__setattr__(self, "methods", tuple(self.methods))
-        if not self.methods or any(m not in CERTIFIED_METHODS for m in self.methods):
-            raise ValueError(
-                f"methods must be a non-empty subset of {sorted(CERTIFIED_METHODS)}, "
-                f"got methods={self.methods!r}"
-            )
+        object.__setattr__(self, "methods", check_methods(self.methods))
         check_int("threads", self.threads, 1)
 
     @property

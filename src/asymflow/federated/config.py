@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from asymflow.accounting.best import CERTIFIED_METHODS, DEFAULT_METHODS
+from asymflow.accounting.best import DEFAULT_METHODS, check_methods
 from asymflow.checks import check_choice, check_int, check_noise, check_number
 from asymflow.dpsgd.partition import UNITS, PartitionSpec
 from asymflow.runfiles import config_from_dict, config_to_dict
@@ -179,12 +179,7 @@ class FederatedConfig:
         for name in ("sampler_seed", "noise_seed"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 0)
-        object.__setattr__(self, "methods", tuple(self.methods))
-        if not self.methods or any(m not in CERTIFIED_METHODS for m in self.methods):
-            raise ValueError(
-                f"methods must be a non-empty subset of {sorted(CERTIFIED_METHODS)}, "
-                f"got methods={self.methods!r}"
-            )
+        object.__setattr__(self, "methods", check_methods(self.methods))
         check_int("eval_batch_size", self.eval_batch_size, 1)
         check_int("threads", self.threads, 1)
         check_int("parallelism", self.parallelism, 1)

@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -77,6 +77,9 @@ METHODS = {
     "Health": "health",
 }
 """The service's gRPC methods and the :class:`PublicService` method answering each."""
+
+Recorded = TypeVar("Recorded", wire.TrainRequest, wire.StepApplyRequest, wire.LoadStateRequest)
+"""A request run at most once per request id (:meth:`PublicService._once`)."""
 
 
 class RefusedError(Exception):
@@ -159,23 +162,34 @@ class PublicService:
         self.sessions.move_to_end(session_id)
         return session
 
-    def _replayed(
+    def _once(
         self,
-        session: Session,
-        req: wire.TrainRequest | wire.StepApplyRequest | wire.LoadStateRequest,
-        digest: str,
-        counter: str = "",
-    ) -> bytes | None:
-        """The stored reply if ``req``'s request id completed this same request (counted
-        under ``counter``), None if it is new; refused if it was used for another request."""
-        done = session.completed.get(req.request_id)
-        if done is None:
-            return None
-        if done.kind != req.KIND or digest not in done.digests:
-            raise _invalid(f"request_id {req.request_id} was used for another request")
-        if counter:
+        request: bytes,
+        kind: type[Recorded],
+        run: Callable[[Session, Recorded], bytes],
+        counter: str,
+        replayed: str = "",
+    ) -> bytes:
+        """``run(session, req)`` of ``request`` decoded as ``kind``, at most once per request
+        id: its reply is recorded and persisted (counted under ``counter``); a retry of the
+        same request gets the recorded reply (counted under ``replayed``); a request id used
+        for another request is refused."""
+        req = self._decode(request, kind)
+        digest = hashlib.sha256(request).hexdigest()
+        with self._lock:
+            session = self._session(req.session)
+            done = session.completed.get(req.request_id)
+            if done is not None:
+                if done.kind != req.KIND or digest not in done.digests:
+                    raise _invalid(f"request_id {req.request_id} was used for another request")
+                if replayed:
+                    self.count(replayed)
+                return done.reply
+            reply = run(session, req)
+            session.remember(req.request_id, Done(kind.KIND, (digest,), reply))
+            self._persist(session)
             self.count(counter)
-        return done.reply
+            return reply
 
     def _held_bytes(self) -> int:
         return sum(s.held_bytes for s in self.sessions.values())
@@ -338,53 +352,43 @@ class PublicService:
             raise _invalid("every part of an upload must carry the same label event")
 
     def train(self, request: bytes) -> bytes:
-        req = self._decode(request, wire.TrainRequest)
-        digest = hashlib.sha256(request).hexdigest()
-        with self._lock:
-            session = self._session(req.session)
-            replayed = self._replayed(session, req, digest, "trains_replayed")
-            if replayed is not None:
-                return replayed
-            if req.dataset_id not in session.datasets:
-                raise _dataset_missing(req.dataset_id)
-            data, labels = session.public.dataset(req.dataset_id)
-            if labels is None:
-                raise RefusedError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"dataset_id {req.dataset_id} was uploaded without labels; training needs them",
-                )
-            if req.indices is not None and (
-                req.indices.min() < 0 or req.indices.max() >= len(data)
-            ):
-                raise _invalid(
-                    f"indices must lie in [0, {len(data)}), "
-                    f"got [{req.indices.min()}, {req.indices.max()}]"
-                )
-            public = session.public
-            fresh = req.model not in public.models
-            _check_room(public, req.model)
-            before = None if fresh else copy.deepcopy(session.model_state(req.model))
-            torch.set_num_threads(self.threads)
-            try:
-                metrics = public.train_with(req.dataset_id, req.args)
-            except ValueError as err:  # arguments LocalPublic refuses
-                _restore(public, req.model, before)
-                raise _invalid(str(err)) from None
-            except DistributedTrainingError as err:
-                _restore(public, req.model, before)
-                log.error("rpc=Train distributed training failed: %s\n%s", err, err.output)
-                raise RefusedError(
-                    grpc.StatusCode.INTERNAL,
-                    f"training failed on the server, the model is unchanged: {err}",
-                ) from None
-            except BaseException:
-                _restore(public, req.model, before)
-                raise
-            reply = wire.encode(wire.TrainReply(metrics))
-            session.remember(req.request_id, Done(wire.TrainRequest.KIND, (digest,), reply))
-            self._persist(session)
-            self.count("trains_run")
-            return reply
+        return self._once(request, wire.TrainRequest, self._train, "trains_run", "trains_replayed")
+
+    def _train(self, session: Session, req: wire.TrainRequest) -> bytes:
+        if req.dataset_id not in session.datasets:
+            raise _dataset_missing(req.dataset_id)
+        data, labels = session.public.dataset(req.dataset_id)
+        if labels is None:
+            raise RefusedError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"dataset_id {req.dataset_id} was uploaded without labels; training needs them",
+            )
+        if req.indices is not None and (req.indices.min() < 0 or req.indices.max() >= len(data)):
+            raise _invalid(
+                f"indices must lie in [0, {len(data)}), "
+                f"got [{req.indices.min()}, {req.indices.max()}]"
+            )
+        public = session.public
+        fresh = req.model not in public.models
+        _check_room(public, req.model)
+        before = None if fresh else copy.deepcopy(session.model_state(req.model))
+        torch.set_num_threads(self.threads)
+        try:
+            metrics = public.train_with(req.dataset_id, req.args)
+        except ValueError as err:  # arguments LocalPublic refuses
+            _restore(public, req.model, before)
+            raise _invalid(str(err)) from None
+        except DistributedTrainingError as err:
+            _restore(public, req.model, before)
+            log.error("rpc=Train distributed training failed: %s\n%s", err, err.output)
+            raise RefusedError(
+                grpc.StatusCode.INTERNAL,
+                f"training failed on the server, the model is unchanged: {err}",
+            ) from None
+        except BaseException:
+            _restore(public, req.model, before)
+            raise
+        return wire.encode(wire.TrainReply(metrics))
 
     def logits(self, request: bytes) -> bytes:
         req = self._decode(request, wire.LogitsRequest)
@@ -439,31 +443,25 @@ class PublicService:
     def step_apply(self, request: bytes) -> bytes:
         """One optimizer step along released label gradients; persisted before the reply, and
         applied at most once per request id (a retry gets the recorded reply)."""
-        req = self._decode(request, wire.StepApplyRequest)
-        digest = hashlib.sha256(request).hexdigest()
-        with self._lock:
-            session = self._session(req.session)
-            replayed = self._replayed(session, req, digest, "steps_replayed")
-            if replayed is not None:
-                return replayed
-            if req.model not in session.steps:
-                raise RefusedError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"model {req.model!r} has no pending step here (a restart loses it): "
-                    "send its StepLogits again",
-                    missing="step",
-                )
-            torch.set_num_threads(self.threads)
-            try:
-                session.public.step_apply(req.gradients, model=req.model)
-            except ValueError as err:
-                raise _invalid(str(err)) from None
-            del session.steps[req.model]
-            reply = wire.encode(wire.Empty())
-            session.remember(req.request_id, Done(wire.StepApplyRequest.KIND, (digest,), reply))
-            self._persist(session)
-            self.count("steps_applied")
-            return reply
+        return self._once(
+            request, wire.StepApplyRequest, self._step_apply, "steps_applied", "steps_replayed"
+        )
+
+    def _step_apply(self, session: Session, req: wire.StepApplyRequest) -> bytes:
+        if req.model not in session.steps:
+            raise RefusedError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {req.model!r} has no pending step here (a restart loses it): "
+                "send its StepLogits again",
+                missing="step",
+            )
+        torch.set_num_threads(self.threads)
+        try:
+            session.public.step_apply(req.gradients, model=req.model)
+        except ValueError as err:
+            raise _invalid(str(err)) from None
+        del session.steps[req.model]
+        return wire.encode(wire.Empty())
 
     def get_state(self, request: bytes) -> bytes:
         req = self._decode(request, wire.StateRequest)
@@ -481,34 +479,26 @@ class PublicService:
             return wire.encode(wire.StateReply(names, state))
 
     def load_state(self, request: bytes) -> bytes:
-        req = self._decode(request, wire.LoadStateRequest)
-        digest = hashlib.sha256(request).hexdigest()
-        with self._lock:
-            session = self._session(req.session)
-            replayed = self._replayed(session, req, digest)
-            if replayed is not None:
-                return replayed
-            public = session.public
-            _check_room(public, req.model)
-            scratch = session.spec.make_public()
-            try:
-                scratch.load_state_dict(
-                    {
-                        "models": {req.model: req.state["model"]},
-                        "optimizers": {req.model: req.state["optimizer"]},
-                    }
-                )
-                _check_momentum(scratch, req.model)
-            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
-                raise _invalid(f"state does not fit the agreed model: {err}") from None
-            public.models[req.model] = scratch.models[req.model]
-            public.optimizers[req.model] = scratch.optimizers[req.model]
-            session.steps.pop(req.model, None)  # a pending step belonged to the old model
-            reply = wire.encode(wire.Empty())
-            session.remember(req.request_id, Done(wire.LoadStateRequest.KIND, (digest,), reply))
-            self._persist(session)
-            self.count("states_loaded")
-            return reply
+        return self._once(request, wire.LoadStateRequest, self._load_state, "states_loaded")
+
+    def _load_state(self, session: Session, req: wire.LoadStateRequest) -> bytes:
+        public = session.public
+        _check_room(public, req.model)
+        scratch = session.spec.make_public()
+        try:
+            scratch.load_state_dict(
+                {
+                    "models": {req.model: req.state["model"]},
+                    "optimizers": {req.model: req.state["optimizer"]},
+                }
+            )
+            _check_momentum(scratch, req.model)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+            raise _invalid(f"state does not fit the agreed model: {err}") from None
+        public.models[req.model] = scratch.models[req.model]
+        public.optimizers[req.model] = scratch.optimizers[req.model]
+        session.steps.pop(req.model, None)  # a pending step belonged to the old model
+        return wire.encode(wire.Empty())
 
     def forget(self, request: bytes) -> bytes:
         req = self._decode(request, wire.ForgetRequest)

@@ -4,7 +4,7 @@ options ``--sampler --sigma --steps --k/--q --epochs --parts --delta``."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from asymflow.accounting.events import BalancedSampled, Event, Gaussian, SelfComposed
@@ -46,16 +46,8 @@ class Query:
         return SelfComposed(BalancedSampled(1, self.steps, Gaussian(self.sigma)), self.epochs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "sampler": self.sampler,
-            "sigma": self.sigma,
-            "steps": self.steps,
-            "k": self.k,
-            "q": self.q,
-            "epochs": self.epochs,
-            "parts": self.parts,
-            "delta": self.delta,
-        }
+        """The fields by name, in declaration order (the JSON ``query``)."""
+        return asdict(self)
 
 
 def describe_query(query: dict[str, Any]) -> str:

@@ -64,6 +64,7 @@ from asymflow.accounting.balanced_pld import BlockPldAccountant
 from asymflow.accounting.events import BalancedSampled, Gaussian
 from asymflow.accounting.pld import PldAccountant
 from asymflow.accounting.rdp import RdpAccountant
+from asymflow.cli.common import jsonable
 
 # dp_accounting's truncation-bound search (pld/common.py) overflows inside scipy's logsumexp;
 # the overflow is handled there, so the warning is only noise.
@@ -228,19 +229,6 @@ def _fmt(value: float, digits: int = 4) -> str:
     if math.isinf(value):
         return "∞"
     return f"{value:.{digits}f}"
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(key): _jsonable(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(value) for value in obj]
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return None
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-    return obj
 
 
 def slow_query(r: Row, name: str) -> dict[str, Any]:
@@ -474,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": checks,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
+    args.out.write_text(json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n")
     console.print(f"wrote {args.out}")
     return 0
 

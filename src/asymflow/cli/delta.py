@@ -34,7 +34,7 @@ from asymflow.cli.common import (
     fmt,
     out_console,
 )
-from asymflow.cli.options import OutOpt, ResumeOpt, config_command, option_names, run_config
+from asymflow.cli.options import Run, run_command
 from asymflow.cli.public import (
     CaCertOpt,
     InsecureOpt,
@@ -60,12 +60,10 @@ CONFIG = "asymflow.delta.runs:DeltaConfig"
 """The configuration whose fields are options."""
 
 
-@config_command(CONFIG)
+@run_command(CONFIG)
 def delta_train(
+    run: Run,
     *,
-    out: OutOpt,
-    resume: ResumeOpt = False,
-    given: dict[str, Any],
     public_server: PublicOpt = None,
     token_file: TokenFileOpt = None,
     ca_cert: CaCertOpt = None,
@@ -80,24 +78,20 @@ def delta_train(
             rich_help_panel=RUN,
         ),
     ] = True,
-    json_out: JsonOpt = False,
 ) -> None:
     """Train a Delta variant into a run directory and print its summary.
 
     Example: asymflow delta train --data digits --epsilon 1.4 --out runs/delta
     """
+    out, resume = run.out, run.resume
     lost = (
         f"continue the run from its last checkpoint with 'asymflow delta train --out {out} "
         f"--resume --public {public_server} ...'"
     )
-    options = option_names(CONFIG, run_dir="--out")
+    options = run.options()
     with errors(options, DATA_HINTS), remote_errors(public_server, lost):
         check_client_options(public_server, token_file, ca_cert, insecure)
-        from asymflow.delta.runs import read_config
-
-        config = run_config(
-            out, resume, given, new=lambda: _new_config(given), read=read_config, options=options
-        )
+        config = run.config(_new_config, options)
         check_releases(config, public_server)
         from asymflow.delta.train import train_delta
 
@@ -115,11 +109,11 @@ def delta_train(
             with build_client(
                 lambda: RemotePublic(public_server, config=config, **remote)
             ) as public:
-                run = train_delta(
+                run_result = train_delta(
                     config, out, progress=True, resume=resume, public=public, overlap=overlap
                 )
-            result = run.to_dict()
-    if json_out:
+            result = run_result.to_dict()
+    if run.json_out:
         emit_json(result)
         return
     console = out_console()

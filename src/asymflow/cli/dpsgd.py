@@ -10,21 +10,16 @@ certified ε (Chua et al., ICML 2024). Partitioning: Dong, Chen, Ozgur, ICML 202
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from asymflow.accounting.best import DEFAULT_METHODS
 from asymflow.checks import check_choice
-from asymflow.cli.common import (
-    DATA_HINTS,
-    JsonOpt,
-    check_training_noise,
-    errors,
-    fmt,
-    show_run,
-)
-from asymflow.cli.options import OutOpt, ResumeOpt, config_command, option_names, run_config
+from asymflow.cli.common import DATA_HINTS, check_training_noise, errors, fmt, show_run
+from asymflow.cli.options import Run, run_command
 
 if TYPE_CHECKING:
     from asymflow.dpsgd.runs import DpsgdConfig
@@ -38,12 +33,10 @@ CONFIG = "asymflow.dpsgd.runs:DpsgdConfig"
 """The configuration whose fields are options."""
 
 
-@config_command(CONFIG)
+@run_command(CONFIG)
 def dpsgd_train(
+    run: Run,
     *,
-    out: OutOpt,
-    resume: ResumeOpt = False,
-    given: dict[str, Any],
     method: Annotated[
         str | None,
         typer.Option(
@@ -52,7 +45,6 @@ def dpsgd_train(
             rich_help_panel=NOISE,
         ),
     ] = None,
-    json_out: JsonOpt = False,
 ) -> None:
     """Train a model with DP-SGD into a new run directory (or continue one with --resume) and
     print its summary.
@@ -60,17 +52,15 @@ def dpsgd_train(
     Example: asymflow dpsgd train --sampler balanced --k 5 --epochs 5 --target-epsilon 8
     --out runs/dpsgd
     """
-    options = option_names(CONFIG, run_dir="--out", methods="--method")
+    options = run.options(methods="--method")
     with errors(options, DATA_HINTS):
         if method is not None:
-            given = {**given, "methods": METHODS[check_choice("--method", method, tuple(METHODS))]}
-        from asymflow.dpsgd.runs import read_config
+            methods = METHODS[check_choice("--method", method, tuple(METHODS))]
+            run = replace(run, given={**run.given, "methods": methods})
         from asymflow.dpsgd.train import train_dpsgd
 
-        config = run_config(
-            out, resume, given, new=lambda: _new_config(given), read=read_config, options=options
-        )
-        result = train_dpsgd(config, out, progress=True, resume=resume).to_dict()
+        config = run.config(_new_config, options)
+        result = train_dpsgd(config, run.out, progress=True, resume=run.resume).to_dict()
     steps = result["steps_per_epoch"]
     rate = f"k={config.k} of T={steps}" if config.sampler == "balanced" else f"T={steps} steps"
     cells = {
@@ -83,10 +73,10 @@ def dpsgd_train(
         "time (s)": f"{result['seconds']:.1f}",
     }
     title = f"DP-SGD {config.model} on {config.data}: {config.sampler} ({rate}), "
-    show_run(out, result, json_out, cells, title + f"{result['epochs']} epoch(s)")
+    show_run(run.out, result, run.json_out, cells, title + f"{result['epochs']} epoch(s)")
 
 
-def _new_config(given: dict[str, Any]) -> DpsgdConfig:
+def _new_config(given: Mapping[str, Any]) -> DpsgdConfig:
     """A new run's config; shuffled batches and a missing or doubled noise setting refused."""
     check_training_noise(
         given,

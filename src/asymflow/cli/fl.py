@@ -9,6 +9,7 @@ the config's default, or with ``fl run --resume`` the value in the run's ``confi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -24,7 +25,7 @@ from asymflow.cli.common import (
     out_console,
     show_run,
 )
-from asymflow.cli.options import OutOpt, ResumeOpt, config_command, option_names, run_config
+from asymflow.cli.options import Run, config_command, option_names, run_command
 
 if TYPE_CHECKING:
     from asymflow.federated import FederatedConfig
@@ -37,12 +38,11 @@ CONFIG = "asymflow.federated:FederatedConfig"
 """The configuration whose fields are options."""
 
 
-def _options(**extra: str) -> dict[str, str]:
-    """Config field -> option, for error messages (PartitionSpec's are --subnetwork's)."""
-    return option_names(CONFIG, partition="--subnetwork", spec="--subnetwork", **extra)
+SUBNETWORK = {"partition": "--subnetwork", "spec": "--subnetwork"}
+"""PartitionSpec's parameters, for error messages: --subnetwork sets them."""
 
 
-def _new_config(given: dict[str, Any]) -> FederatedConfig:
+def _new_config(given: Mapping[str, Any]) -> FederatedConfig:
     """The config of the options given; shuffling and a missing or doubled noise setting
     refused."""
     check_training_noise(
@@ -55,28 +55,20 @@ def _new_config(given: dict[str, Any]) -> FederatedConfig:
     return FederatedConfig(**given)
 
 
-@config_command(CONFIG)
-def fl_run(
-    *,
-    out: OutOpt,
-    resume: ResumeOpt = False,
-    given: dict[str, Any],
-    json_out: JsonOpt = False,
-) -> None:
+@run_command(CONFIG)
+def fl_run(run: Run) -> None:
     """Simulate federated training with client-level DP into a new run directory (or continue
     one with --resume).
 
     Example: asymflow fl run --clients 10 --rounds 20 --sampler balanced --k 2 --period 5
     --subnetwork split:4 --target-epsilon 8 --out runs/fl
     """
-    options = _options(run_dir="--out")
+    options = run.options(**SUBNETWORK)
     with errors(options, DATA_HINTS):
-        from asymflow.federated import read_config, run_federated
+        from asymflow.federated import run_federated
 
-        config = run_config(
-            out, resume, given, new=lambda: _new_config(given), read=read_config, options=options
-        )
-        result = run_federated(config, out, progress=True, resume=resume).to_dict()
+        config = run.config(_new_config, options)
+        result = run_federated(config, run.out, progress=True, resume=run.resume).to_dict()
     cells = {
         f"client-level ε at δ={result['delta']:g}": f"{fmt(result['epsilon'])} "
         f"({result['method']}, certified)",
@@ -88,9 +80,9 @@ def fl_run(
     }
     title = f"Federated {config.model} on {config.data}: {result['clients']} clients, "
     show_run(
-        out,
+        run.out,
         result,
-        json_out,
+        run.json_out,
         cells,
         title + f"{result['sampler']} sampling, subnetwork {result['subnetwork']}",
     )
@@ -118,7 +110,7 @@ def fl_app(
 
     Example: asymflow fl app fl-app --clients 10 --subnetwork split:4 --target-epsilon 8
     """
-    with errors(_options(run_dir="--out", directory="DIR"), DATA_HINTS):
+    with errors(option_names(CONFIG, run_dir="--out", directory="DIR", **SUBNETWORK), DATA_HINTS):
         config = _new_config(given)
         from asymflow.federated import write_flower_app
 

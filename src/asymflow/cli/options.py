@@ -3,7 +3,7 @@
 in the field's help panel, its help ending with the field's own default.
 
 An option left out is None, so that a command sees the fields given: applied over the config's
-defaults, or with ``--resume`` compared with the run's ``config.json`` (:func:`run_config`).
+defaults, or with ``--resume`` compared with the run's ``config.json`` (:meth:`Run.config`).
 The values are checked once, by the config's ``__post_init__``; only lists are parsed here
 (``8,16`` -> ``(8, 16)``). The options are made when the command is first looked up: the
 config modules import torch, which the other commands start without.
@@ -23,15 +23,15 @@ import click
 import typer
 from typer.core import TyperCommand, TyperOption
 
-from asymflow.cli.common import CliInputError, errors, option_name, parse_int_list
+from asymflow.cli.common import CliInputError, JsonOpt, errors, option_name, parse_int_list
+from asymflow.runfiles import read_config
 
 __all__ = [
     "ConfigCommand",
-    "OutOpt",
-    "ResumeOpt",
+    "Run",
     "config_command",
     "option_names",
-    "run_config",
+    "run_command",
 ]
 
 T = TypeVar("T")
@@ -85,11 +85,8 @@ def config_command(path: str) -> Callable[[Command], Command]:
                 }
             command(given=given, **options)
 
-        run.__signature__ = inspect.Signature(own[:at] + own[at + 1 :])  # type: ignore[attr-defined]
-        for name in ("__name__", "__qualname__", "__doc__", "__module__"):
-            setattr(run, name, getattr(command, name))
         vars(run)[_SPEC] = (path, at)
-        return run
+        return _as_command(run, command, own[:at] + own[at + 1 :])
 
     return decorate
 
@@ -125,38 +122,83 @@ def option_names(path: str, **extra: str) -> dict[str, str]:
     }
 
 
-def run_config(
-    out: Path,
-    resume: bool,
-    given: Mapping[str, Any],
-    *,
-    new: Callable[[], T],
-    read: Callable[[Path], T],
-    options: Mapping[str, str],
-) -> T:
-    """The run's config: ``new()`` for a new run directory ``out``; with ``resume`` the run's
-    own ``read(out)``, which the options ``given`` must match."""
-    if out.exists() and not out.is_dir():
-        raise CliInputError(f"--out must be a directory, got the file {str(out)!r}")
-    if not (out / "config.json").is_file():
-        return new()
-    if not resume:
-        raise CliInputError(
-            f"--out already holds a run ({out}); pass --resume to continue it, or choose a new "
-            "directory"
-        )
-    stored = read(out)
-    differ = [
-        f"{options[name]} (run: {getattr(stored, name)}, given: {value})"
-        for name, value in given.items()
-        if getattr(stored, name) != value
-    ]
-    if differ:
-        raise CliInputError(
-            "--resume continues a run with the settings in its config.json; these options "
-            f"differ: {', '.join(differ)}"
-        )
-    return stored
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A training command's run (:func:`run_command`): its config class (``"module:Name"``),
+    the run directory ``out`` (--out), ``resume`` (--resume), the config fields ``given`` and
+    ``json_out`` (--json)."""
+
+    config_path: str
+    out: Path
+    resume: bool
+    given: Mapping[str, Any]
+    json_out: bool
+
+    def options(self, **extra: str) -> dict[str, str]:
+        """Config field -> option for :func:`errors`, ``run_dir`` -> --out, and ``extra``."""
+        return option_names(self.config_path, run_dir="--out", **extra)
+
+    def config(self, new: Callable[[Mapping[str, Any]], T], options: Mapping[str, str]) -> T:
+        """The run's config: ``new(given)`` for a new run directory; with --resume the run's
+        own ``config.json``, which the options given (named by ``options``) must match."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise CliInputError(f"--out must be a directory, got the file {str(out)!r}")
+        if not (out / "config.json").is_file():
+            return new(self.given)
+        if not self.resume:
+            raise CliInputError(
+                f"--out already holds a run ({out}); pass --resume to continue it, or choose a "
+                "new directory"
+            )
+        stored: T = read_config(out, config_class(self.config_path).from_dict)
+        differ = [
+            f"{options[name]} (run: {getattr(stored, name)}, given: {value})"
+            for name, value in self.given.items()
+            if getattr(stored, name) != value
+        ]
+        if differ:
+            raise CliInputError(
+                "--resume continues a run with the settings in its config.json; these options "
+                f"differ: {', '.join(differ)}"
+            )
+        return stored
+
+
+def run_command(path: str) -> Callable[[Callable[..., None]], Command]:
+    """:func:`config_command` for a training run: ``command(run, *, ...)`` gets --out,
+    --resume, the config's options and --json as one :class:`Run`; its own options stand
+    between the config's and --json."""
+
+    def decorate(command: Callable[..., None]) -> Command:
+        own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]
+
+        def with_run(
+            *, out: Path, resume: bool, given: dict[str, Any], json_out: bool, **options: Any
+        ) -> None:
+            command(Run(path, out, resume, given, json_out), **options)
+
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        params = [
+            inspect.Parameter("out", keyword, annotation=OutOpt),
+            inspect.Parameter("resume", keyword, annotation=ResumeOpt, default=False),
+            inspect.Parameter("given", keyword, annotation=dict[str, Any]),
+            *own,
+            inspect.Parameter("json_out", keyword, annotation=JsonOpt, default=False),
+        ]
+        return config_command(path)(_as_command(with_run, command, params))
+
+    return decorate
+
+
+def _as_command(
+    run: Command, like: Callable[..., None], params: list[inspect.Parameter]
+) -> Command:
+    """``run`` with the parameters ``params``, and the name and help of ``like``."""
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    for name in ("__name__", "__qualname__", "__doc__", "__module__"):
+        setattr(run, name, getattr(like, name))
+    return run
 
 
 def _documented(config: type) -> list[tuple[dataclasses.Field[Any], Any]]:

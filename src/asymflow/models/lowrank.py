@@ -18,7 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from asymflow.checks import check_int
-from asymflow.models.resnet import NormKind, init_weights, make_norm, scale_width
+from asymflow.models.resnet import (
+    NormKind,
+    ResidualBlock,
+    init_weights,
+    make_norm,
+    projection_shortcut,
+    scale_width,
+)
 
 RESNET18_PRIVATE_WIDTHS: tuple[int, ...] = (64, 256, 512)
 """Output channels n of each block group for the ResNet-18 private model (Delta, r = 8)."""
@@ -28,6 +35,20 @@ DEMO_PRIVATE_WIDTHS: tuple[int, ...] = (16, 64, 128)
 """A quarter-width variant for the digits / synthetic demo (small inputs, a few CPU minutes)."""
 DEMO_PRIVATE_RANKS: tuple[int, ...] = (4, 8, 16)
 """Ranks q matching :data:`DEMO_PRIVATE_WIDTHS`."""
+
+
+def check_widths_ranks(widths: Sequence[int], ranks: Sequence[int]) -> None:
+    """Refuse unless ``widths`` (n per group) and ``ranks`` (q per group) are non-empty, of
+    equal length and positive integers."""
+    if len(widths) != len(ranks) or not widths:
+        raise ValueError(
+            f"widths and ranks must be non-empty and of equal length, "
+            f"got widths={tuple(widths)}, ranks={tuple(ranks)}"
+        )
+    for i, n in enumerate(widths):
+        check_int(f"widths[{i}]", n, 1)
+    for i, q in enumerate(ranks):
+        check_int(f"ranks[{i}]", q, 1)
 
 
 class FactorizedConv2d(nn.Module):
@@ -85,7 +106,7 @@ class FactorizedConv2d(nn.Module):
         return self.expand(self.reduce(x))
 
 
-class LowRankBlock(nn.Module):
+class LowRankBlock(ResidualBlock):
     """BasicBlock with factorized 3x3 convs: relu(norm(F2(relu(norm(F1_s(x))))) + shortcut(x))."""
 
     def __init__(
@@ -104,17 +125,9 @@ class LowRankBlock(nn.Module):
         self.conv2 = FactorizedConv2d(out_channels, out_channels, 3, rank)
         self.norm2 = make_norm(norm, out_channels)
         self.act2 = nn.ReLU()
-        self.shortcut: nn.Module = nn.Identity()
+        self.shortcut = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                make_norm(norm, out_channels),
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.act1(self.norm1(self.conv1(x)))
-        out = self.norm2(self.conv2(out))
-        return self.act2(out + self.shortcut(x))
+            self.shortcut = projection_shortcut(in_channels, out_channels, stride, norm)
 
 
 class LowRankResNet(nn.Module):
@@ -137,15 +150,7 @@ class LowRankResNet(nn.Module):
         check_int("in_channels", in_channels, 1)
         check_int("num_classes", num_classes, 1)
         check_int("blocks_per_group", blocks_per_group, 1)
-        if len(widths) != len(ranks) or not widths:
-            raise ValueError(
-                f"widths and ranks must be non-empty and of equal length, "
-                f"got widths={tuple(widths)}, ranks={tuple(ranks)}"
-            )
-        for i, n in enumerate(widths):
-            check_int(f"widths[{i}]", n, 1)
-        for i, q in enumerate(ranks):
-            check_int(f"ranks[{i}]", q, 1)
+        check_widths_ranks(widths, ranks)
         self.in_channels = in_channels
         self.widths = tuple(widths)
         self.ranks = tuple(ranks)
@@ -197,15 +202,7 @@ def build_private_model(
     ranks=DEMO_PRIVATE_RANKS`` (equivalently ``width=0.25``).
     """
     check_int("r", r, 1)
-    if len(widths) != len(ranks):
-        raise ValueError(
-            f"widths and ranks must have equal length, got widths={tuple(widths)}, "
-            f"ranks={tuple(ranks)}"
-        )
-    for i, n in enumerate(widths):
-        check_int(f"widths[{i}]", n, 1)
-    for i, q in enumerate(ranks):
-        check_int(f"ranks[{i}]", q, 1)
+    check_widths_ranks(widths, ranks)
     scaled_widths = [scale_width(n, width) for n in widths]
     scaled_ranks = [scale_width(q, width) for q in ranks]
     return LowRankResNet(

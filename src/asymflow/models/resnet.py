@@ -134,7 +134,34 @@ class PadShortcut(nn.Module):
         return functional.pad(x, (0, 0, 0, 0, 0, self.extra))
 
 
-class BasicBlock(nn.Module):
+def projection_shortcut(
+    in_channels: int, out_channels: int, stride: int, norm: NormKind
+) -> nn.Module:
+    """The projection shortcut norm(conv1x1_s(x)) (He et al. 2016, sec. 3.3, option B)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+        make_norm(norm, out_channels),
+    )
+
+
+class ResidualBlock(nn.Module):
+    """y = act2(norm2(conv2(act1(norm1(conv1(x))))) + shortcut(x)); subclasses make the parts."""
+
+    conv1: nn.Module
+    norm1: nn.Module
+    act1: nn.Module
+    conv2: nn.Module
+    norm2: nn.Module
+    act2: nn.Module
+    shortcut: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act1(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class BasicBlock(ResidualBlock):
     """y = relu(norm(conv3x3(relu(norm(conv3x3_s(x))))) + shortcut(x)) (He et al. 2016, Fig. 2)."""
 
     def __init__(
@@ -154,21 +181,12 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.norm2 = make_norm(norm, out_channels)
         self.act2 = nn.ReLU()
-        self.shortcut: nn.Module
         if stride == 1 and in_channels == out_channels:
             self.shortcut = nn.Identity()
         elif shortcut == "pad":
             self.shortcut = PadShortcut(in_channels, out_channels, stride)
         else:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                make_norm(norm, out_channels),
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.act1(self.norm1(self.conv1(x)))
-        out = self.norm2(self.conv2(out))
-        return self.act2(out + self.shortcut(x))
+            self.shortcut = projection_shortcut(in_channels, out_channels, stride, norm)
 
 
 class Stem(nn.Module):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -26,8 +27,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "check_resumable",
-    "config_from_dict",
-    "config_to_dict",
+    "fields_from_json",
+    "fields_to_json",
     "read_config",
     "read_metrics",
     "write_config",
@@ -70,18 +71,38 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """JSON-ready fields of a dataclass config (tuples as lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+_INFINITIES = {"inf": math.inf, "-inf": -math.inf}
 
 
-def config_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
-    """Inverse of :func:`config_to_dict`; unknown keys are refused."""
+def _field_to_json(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def _field_from_json(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, str) and value in _INFINITIES:
+        return _INFINITIES[value]
+    return value
+
+
+def fields_to_json(record: Any) -> dict[str, Any]:
+    """JSON-ready fields of a dataclass (a config or a result): tuples as lists, and the
+    infinities JSON lacks as the strings ``"inf"`` / ``"-inf"``."""
+    return {k: _field_to_json(v) for k, v in asdict(record).items()}
+
+
+def fields_from_json(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Inverse of :func:`fields_to_json` for a config of tuples; unknown keys are refused."""
     names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"config keys must be among {cls.__name__} fields, got {unknown}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    return cls(**{k: _field_from_json(v) for k, v in data.items()})
 
 
 def write_config(run_dir: Path, config: _ToDict) -> None:

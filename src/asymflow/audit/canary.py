@@ -50,6 +50,7 @@ from asymflow.accounting.montecarlo import log_likelihood_ratio
 from asymflow.audit.bounds import clopper_pearson, epsilon_lower_bound
 from asymflow.dpsgd.aggregate import noisy_gradient_sum
 from asymflow.dpsgd.partition import PartitionPlan, PartitionSpec
+from asymflow.runfiles import fields_to_json
 from asymflow.sampling import BalancedIterationSampler, PoissonSampler
 
 __all__ = [
@@ -294,11 +295,8 @@ class CanaryAudit:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        for key, value in out.items():
-            if isinstance(value, float) and math.isinf(value):
-                out[key] = "inf"
-        return out
+        """JSON-ready fields (:func:`~asymflow.runfiles.fields_to_json`)."""
+        return fields_to_json(self)
 
 
 def audit_canary(

@@ -21,7 +21,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ from asymflow.runfiles import (
     append_metrics,
     atomic_write_bytes,
     atomic_write_json,
+    fields_from_json,
+    fields_to_json,
     read_metrics,
     write_metrics,
 )
@@ -392,30 +394,13 @@ class DeltaConfig:
         return 1 if self.release == "once" else max(1, self.epochs_stage2)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields; infinities are written as the string ``"inf"``."""
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, float) and math.isinf(value):
-                out[key] = "inf"
-            elif isinstance(value, tuple):
-                out[key] = list(value)
-        return out
+        """JSON-ready fields (:func:`~asymflow.runfiles.fields_to_json`)."""
+        return fields_to_json(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DeltaConfig:
         """Inverse of :meth:`to_dict`; unknown keys are refused."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"config keys must be among DeltaConfig fields, got {unknown}")
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            if value == "inf":
-                value = math.inf
-            elif isinstance(value, list):
-                value = tuple(value)
-            kwargs[key] = value
-        return cls(**kwargs)
+        return fields_from_json(cls, data)
 
     def replace(self, **changes: Any) -> DeltaConfig:
         """A copy with ``changes`` applied (validated again)."""

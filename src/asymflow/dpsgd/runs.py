@@ -30,8 +30,8 @@ from asymflow.runfiles import (
     append_metrics,
     atomic_write_bytes,
     atomic_write_json,
-    config_from_dict,
-    config_to_dict,
+    fields_from_json,
+    fields_to_json,
     read_metrics,
     write_metrics,
 )
@@ -224,12 +224,12 @@ class DpsgdConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (tuples as lists)."""
-        return config_to_dict(self)
+        return fields_to_json(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DpsgdConfig:
         """Inverse of :meth:`to_dict`; unknown keys are refused."""
-        return config_from_dict(cls, data)
+        return fields_from_json(cls, data)
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> DpsgdConfig:

@@ -34,13 +34,12 @@ is sampled and noised independently of the cut one, as its own ledger row assume
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +71,7 @@ from asymflow.dpsgd.runs import (
 )
 from asymflow.models import build_model
 from asymflow.progress import EpochBars
-from asymflow.runfiles import SAMPLING_NOISE_SEEDS, check_resumable
+from asymflow.runfiles import SAMPLING_NOISE_SEEDS, check_resumable, fields_to_json
 from asymflow.threads import torch_threads
 
 __all__ = ["DpsgdResult", "calibrated_sigma", "private_step", "train_dpsgd"]
@@ -100,11 +99,8 @@ class DpsgdResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (an infinite epsilon is written as the string ``"inf"``)."""
-        out = asdict(self)
-        if math.isinf(out["epsilon"]):
-            out["epsilon"] = "inf"
-        return out
+        """JSON-ready fields (:func:`~asymflow.runfiles.fields_to_json`)."""
+        return fields_to_json(self)
 
 
 def calibrated_sigma(

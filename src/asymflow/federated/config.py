@@ -28,7 +28,7 @@ from typing import Any
 from asymflow.accounting.best import DEFAULT_METHODS, check_methods
 from asymflow.checks import check_choice, check_int, check_noise, check_number
 from asymflow.dpsgd.partition import UNITS, PartitionSpec
-from asymflow.runfiles import config_from_dict, config_to_dict
+from asymflow.runfiles import fields_from_json, fields_to_json
 from asymflow.settings import setting
 
 __all__ = ["MODELS", "SAMPLERS", "SPLITS", "FederatedConfig"]
@@ -218,12 +218,12 @@ class FederatedConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (tuples as lists)."""
-        return config_to_dict(self)
+        return fields_to_json(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FederatedConfig:
         """Inverse of :meth:`to_dict`; unknown keys are refused."""
-        return config_from_dict(cls, data)
+        return fields_from_json(cls, data)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flower's flat run config: kebab-case keys, scalar values; None is left out and

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from asymflow.runfiles import (
     atomic_write_bytes,
     atomic_write_json,
     check_resumable,
+    fields_to_json,
     read_metrics,
     write_metrics,
 )
@@ -87,11 +88,8 @@ class FederatedResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (an infinite epsilon is written as ``"inf"``)."""
-        out = asdict(self)
-        if math.isinf(out["epsilon"]):
-            out["epsilon"] = "inf"
-        return out
+        """JSON-ready fields (:func:`~asymflow.runfiles.fields_to_json`)."""
+        return fields_to_json(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FederatedResult:

@@ -46,6 +46,19 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
     return out
 
 
+def check_int_pairs(first: str, a: Sequence[object], second: str, b: Sequence[object]) -> None:
+    """Refuse unless ``a`` and ``b`` (one entry per group, e.g. widths and ranks) are non-empty,
+    of equal length and integers >= 1."""
+    if len(a) != len(b) or not a:
+        raise ValueError(
+            f"{first} and {second} must be non-empty and of equal length, "
+            f"got {first}={tuple(a)}, {second}={tuple(b)}"
+        )
+    for name, values in ((first, a), (second, b)):
+        for i, value in enumerate(values):
+            check_int(f"{name}[{i}]", value, 1)
+
+
 def check_bool(name: str, value: object) -> bool:
     """``value`` itself if it is a bool."""
     if not isinstance(value, bool):

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from asymflow.checks import check_int
+from asymflow.checks import check_int, check_int_pairs
 from asymflow.models.resnet import (
     NormKind,
     ResidualBlock,
@@ -35,20 +35,6 @@ DEMO_PRIVATE_WIDTHS: tuple[int, ...] = (16, 64, 128)
 """A quarter-width variant for the digits / synthetic demo (small inputs, a few CPU minutes)."""
 DEMO_PRIVATE_RANKS: tuple[int, ...] = (4, 8, 16)
 """Ranks q matching :data:`DEMO_PRIVATE_WIDTHS`."""
-
-
-def check_widths_ranks(widths: Sequence[int], ranks: Sequence[int]) -> None:
-    """Refuse unless ``widths`` (n per group) and ``ranks`` (q per group) are non-empty, of
-    equal length and positive integers."""
-    if len(widths) != len(ranks) or not widths:
-        raise ValueError(
-            f"widths and ranks must be non-empty and of equal length, "
-            f"got widths={tuple(widths)}, ranks={tuple(ranks)}"
-        )
-    for i, n in enumerate(widths):
-        check_int(f"widths[{i}]", n, 1)
-    for i, q in enumerate(ranks):
-        check_int(f"ranks[{i}]", q, 1)
 
 
 class FactorizedConv2d(nn.Module):
@@ -150,7 +136,7 @@ class LowRankResNet(nn.Module):
         check_int("in_channels", in_channels, 1)
         check_int("num_classes", num_classes, 1)
         check_int("blocks_per_group", blocks_per_group, 1)
-        check_widths_ranks(widths, ranks)
+        check_int_pairs("widths", widths, "ranks", ranks)
         self.in_channels = in_channels
         self.widths = tuple(widths)
         self.ranks = tuple(ranks)
@@ -202,7 +188,7 @@ def build_private_model(
     ranks=DEMO_PRIVATE_RANKS`` (equivalently ``width=0.25``).
     """
     check_int("r", r, 1)
-    check_widths_ranks(widths, ranks)
+    check_int_pairs("widths", widths, "ranks", ranks)
     scaled_widths = [scale_width(n, width) for n in widths]
     scaled_ranks = [scale_width(q, width) for q in ranks]
     return LowRankResNet(

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
-from asymflow.checks import check_choice, check_int
+from asymflow.checks import check_choice, check_int, check_int_pairs
 
 NormKind = Literal["batch", "group"]
 StemKind = Literal["cifar", "imagenet"]
@@ -275,15 +275,7 @@ class ResNetBody(nn.Module):
         check_int("in_channels", in_channels, 1)
         check_int("num_classes", num_classes, 1)
         check_choice("input_kernel_size", input_kernel_size, (1, 3))
-        if len(blocks) != len(widths) or not blocks:
-            raise ValueError(
-                f"blocks and widths must be non-empty and of equal length, "
-                f"got blocks={tuple(blocks)}, widths={tuple(widths)}"
-            )
-        for i, b in enumerate(blocks):
-            check_int(f"blocks[{i}]", b, 1)
-        for i, w in enumerate(widths):
-            check_int(f"widths[{i}]", w, 1)
+        check_int_pairs("blocks", blocks, "widths", widths)
         self.in_channels = in_channels
         self.out_features = widths[-1]
         self.input: nn.Module = nn.Identity()

@@ -64,7 +64,7 @@ from asymflow.accounting.balanced_pld import BlockPldAccountant
 from asymflow.accounting.events import BalancedSampled, Gaussian
 from asymflow.accounting.pld import PldAccountant
 from asymflow.accounting.rdp import RdpAccountant
-from asymflow.cli.common import jsonable
+from asymflow.runfiles import jsonable
 
 # dp_accounting's truncation-bound search (pld/common.py) overflows inside scipy's logsumexp;
 # the overflow is handled there, so the warning is only noise.

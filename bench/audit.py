@@ -30,13 +30,13 @@ from rich.table import Table
 
 from asymflow.audit.commands import (
     DEFAULT_CANARY_SETTINGS,
-    json_ready,
     run_canary,
     run_membership,
     run_reconstruction,
 )
 from asymflow.audit.membership import PublicTraining
 from asymflow.audit.reconstruct import DecoderConfig
+from asymflow.runfiles import jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpg"
@@ -231,7 +231,7 @@ def main() -> int:
         "checks": checks,
         "seconds": seconds,
     }
-    (RESULTS / f"{name}.json").write_text(json.dumps(json_ready(out), indent=2, default=str) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(jsonable(out), indent=2, default=str) + "\n")
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from rich.table import Table
 
 from asymflow.delta.runs import DeltaConfig
 from asymflow.delta.train import fork_stage1, train_delta
+from asymflow.runfiles import jsonable
 from delta_diagnostic import RESULTS, SEEDS, settings
 
 
@@ -116,9 +116,8 @@ def main() -> int:
     console.print(table)
     seconds = time.perf_counter() - began
     console.print(f"wall time {seconds:.0f} s")
-    clean = [{k: ("inf" if v == math.inf else v) for k, v in r.items()} for r in rows]
     (RESULTS / "delta_finite.json").write_text(
-        json.dumps({"rows": clean, "seconds": seconds}, indent=2)
+        json.dumps(jsonable({"rows": rows, "seconds": seconds}), indent=2)
     )
     return 0
 

@@ -34,6 +34,7 @@ from asymflow.delta.padded import padded_sigma
 from asymflow.delta.private import calibrated_sigma
 from asymflow.delta.runs import DeltaConfig
 from asymflow.delta.train import build_private, input_stats, load_run_data, payload_view
+from asymflow.runfiles import jsonable
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 EPSILONS = (1.0, 2.0, 4.0, 8.0, 16.0, math.inf)
@@ -113,9 +114,8 @@ def main() -> int:
     )
     seconds = time.perf_counter() - began
     RESULTS.mkdir(parents=True, exist_ok=True)
-    clean = [{k: ("inf" if v == math.inf else v) for k, v in r.items()} for r in rows]
     (RESULTS / "delta_oracle.json").write_text(
-        json.dumps({"rows": clean, "seconds": seconds}, indent=2)
+        json.dumps(jsonable({"rows": rows, "seconds": seconds}), indent=2)
     )
     console.print(f"wall time {seconds:.0f} s")
     return 0

@@ -5,7 +5,9 @@
 - :func:`append_metrics` / :func:`read_metrics` / :func:`write_metrics`: ``metrics.jsonl``,
   one fsynced JSON object a line; a torn (undecodable) line is skipped on reading;
 - :func:`read_config` / :func:`write_config`: ``config.json`` through a config's
-  ``to_dict`` / ``from_dict``; :func:`check_resumable`: whether a run directory may be continued.
+  ``to_dict`` / ``from_dict``; :func:`check_resumable`: whether a run directory may be continued;
+- :func:`fields_to_json` / :func:`fields_from_json`: a dataclass's fields as JSON and back;
+  :func:`jsonable`: any payload as strict JSON (no Infinity or NaN literals).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from types import UnionType
+from typing import Any, Protocol, TypeVar, Union, get_args, get_origin, get_type_hints
 
 __all__ = [
     "CONFIG_FILE",
@@ -29,6 +32,7 @@ __all__ = [
     "check_resumable",
     "fields_from_json",
     "fields_to_json",
+    "jsonable",
     "read_config",
     "read_metrics",
     "write_config",
@@ -71,6 +75,21 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
+def jsonable(obj: Any) -> Any:
+    """JSON-ready copy: tuples as lists, +-inf as the strings "inf"/"-inf", NaN as null
+    ("no such value"), recursively."""
+    if isinstance(obj, dict):
+        return {str(key): jsonable(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(value) for value in obj]
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+    return obj
+
+
 _INFINITIES = {"inf": math.inf, "-inf": -math.inf}
 
 
@@ -82,10 +101,17 @@ def _field_to_json(value: Any) -> Any:
     return value
 
 
-def _field_from_json(value: Any) -> Any:
-    if isinstance(value, list):
+def _admits(hint: Any, kind: type) -> bool:
+    """Whether the type ``hint`` is ``kind``, ``kind[...]`` or a union with one of them."""
+    if hint is kind or get_origin(hint) is kind:
+        return True
+    return get_origin(hint) in (Union, UnionType) and any(_admits(a, kind) for a in get_args(hint))
+
+
+def _field_from_json(hint: Any, value: Any) -> Any:
+    if isinstance(value, list) and _admits(hint, tuple):
         return tuple(value)
-    if isinstance(value, str) and value in _INFINITIES:
+    if isinstance(value, str) and value in _INFINITIES and _admits(hint, float):
         return _INFINITIES[value]
     return value
 
@@ -97,12 +123,14 @@ def fields_to_json(record: Any) -> dict[str, Any]:
 
 
 def fields_from_json(cls: type[T], data: Mapping[str, Any]) -> T:
-    """Inverse of :func:`fields_to_json` for a config of tuples; unknown keys are refused."""
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
+    """Inverse of :func:`fields_to_json`, by the fields' declared types (lists back to tuples
+    only for tuple fields, "inf"/"-inf" back to floats only for float fields); unknown keys
+    are refused."""
+    hints = get_type_hints(cls)
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})  # type: ignore[arg-type]
     if unknown:
-        raise ValueError(f"config keys must be among {cls.__name__} fields, got {unknown}")
-    return cls(**{k: _field_from_json(v) for k, v in data.items()})
+        raise ValueError(f"keys must be among {cls.__name__} fields, got {unknown}")
+    return cls(**{k: _field_from_json(hints[k], v) for k, v in data.items()})
 
 
 def write_config(run_dir: Path, config: _ToDict) -> None:
@@ -153,7 +181,7 @@ def check_resumable(
 
 
 def _json(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples as lists)."""
+    """``value`` as it reads back from JSON (nested tuples as lists)."""
     return json.loads(json.dumps(value))
 
 

@@ -9,7 +9,6 @@ dictionary.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,10 +22,10 @@ from asymflow.audit.membership import PublicTraining, audit_membership
 from asymflow.audit.reconstruct import DecoderConfig, audit_reconstruction, image_grid
 from asymflow.audit.views import PublicViewer, ViewSpec
 from asymflow.data import ImageData, load_data
+from asymflow.runfiles import jsonable
 
 __all__ = [
     "DEFAULT_CANARY_SETTINGS",
-    "json_ready",
     "load_viewer",
     "run_canary",
     "run_membership",
@@ -46,23 +45,12 @@ DEFAULT_CANARY_SETTINGS: tuple[tuple[SamplerSetting, float], ...] = (
 tight), then subsampled passes at the same expected batch fraction for Poisson and BIS."""
 
 
-def json_ready(value: Any) -> Any:
-    """``value`` with non-finite floats written as the strings "inf", "-inf", "nan"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_ready(v) for v in value]
-    return value
-
-
 def _write(out_dir: str | os.PathLike[str] | None, name: str, payload: dict[str, Any]) -> None:
     if out_dir is None:
         return
     path = Path(out_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_ready(payload), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(jsonable(payload), indent=2, sort_keys=True) + "\n")
 
 
 def load_viewer(

@@ -34,6 +34,7 @@ from rich.progress import (
 from rich.table import Table
 
 from asymflow.checks import check_choice
+from asymflow.runfiles import jsonable
 
 # ------------------------------------------------------------------------------------ errors
 
@@ -169,20 +170,6 @@ def progress_display() -> Progress:
 
 
 # ------------------------------------------------------------------------------------ output
-
-
-def jsonable(obj: Any) -> Any:
-    """JSON-ready copy: ±inf become the strings "inf"/"-inf", NaN becomes null."""
-    if isinstance(obj, dict):
-        return {str(key): jsonable(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(value) for value in obj]
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return None
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-    return obj
 
 
 def emit_json(payload: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from asymflow.checks import (
     check_choice,
     check_delta,
     check_int,
+    check_int_pairs,
     check_positive,
 )
 from asymflow.delta.contract import fold_model_names
@@ -349,14 +350,7 @@ class DeltaConfig:
             )
         object.__setattr__(self, "private_widths", tuple(self.private_widths))
         object.__setattr__(self, "private_ranks", tuple(self.private_ranks))
-        if len(self.private_widths) != len(self.private_ranks) or not self.private_widths:
-            raise ValueError(
-                "private_widths and private_ranks must be non-empty and of equal length, got "
-                f"{self.private_widths} and {self.private_ranks}"
-            )
-        for i, (n, q) in enumerate(zip(self.private_widths, self.private_ranks, strict=True)):
-            check_int(f"private_widths[{i}]", n, 1)
-            check_int(f"private_ranks[{i}]", q, 1)
+        check_int_pairs("private_widths", self.private_widths, "private_ranks", self.private_ranks)
         check_bounded_number("public_width", self.public_width, low=1e-3, high=16)
         for name in ("lr", "stage2_lr", "public_lr"):
             check_bounded_number(name, getattr(self, name), low=0, high=10, open_low=True)

@@ -70,7 +70,7 @@ from asymflow.delta.stage1 import Stage1
 from asymflow.delta.stage2 import Stage2
 from asymflow.models import count_macs
 from asymflow.progress import EpochBars
-from asymflow.runfiles import check_resumable
+from asymflow.runfiles import check_resumable, jsonable
 from asymflow.threads import torch_threads
 
 __all__ = [
@@ -119,24 +119,16 @@ class RunResult:
         return self.final.get(f"test_acc_{PREDICTION_HEAD[self.config.variant]}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (infinities as ``"inf"``)."""
-
-        def clean(v: Any) -> Any:
-            if isinstance(v, float) and math.isinf(v):
-                return "inf"
-            if isinstance(v, dict):
-                return {k: clean(x) for k, x in v.items()}
-            return v
-
+        """JSON-ready summary (:func:`~asymflow.runfiles.jsonable`: "inf" for infinities)."""
         return {
             "run_dir": str(self.run_dir),
             "variant": self.config.variant,
             "config": self.config.to_dict(),
-            "final": clean(self.final),
+            "final": jsonable(self.final),
             "accuracy": self.accuracy,
-            "epsilon": clean(self.epsilon),
+            "epsilon": jsonable(self.epsilon),
             "epsilon_method": self.epsilon_method,
-            "epsilon_by_method": clean(self.epsilon_by_method),
+            "epsilon_by_method": jsonable(self.epsilon_by_method),
             "delta": self.config.delta,
             "sigma": self.sigma,
             "private_macs": self.private_macs,

@@ -223,7 +223,7 @@ class DpsgdConfig:
         return max(self.k, round(self.k * num_samples / self.batch_size))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (tuples as lists)."""
+        """JSON-ready fields (:func:`~asymflow.runfiles.fields_to_json`)."""
         return fields_to_json(self)
 
     @classmethod

@@ -217,7 +217,7 @@ class FederatedConfig:
     # ------------------------------------------------------------------ serialization
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (tuples as lists)."""
+        """JSON-ready fields (:func:`~asymflow.runfiles.fields_to_json`)."""
         return fields_to_json(self)
 
     @classmethod

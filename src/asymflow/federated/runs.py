@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from asymflow.runfiles import (
     atomic_write_bytes,
     atomic_write_json,
     check_resumable,
+    fields_from_json,
     fields_to_json,
     read_metrics,
     write_metrics,
@@ -94,10 +94,7 @@ class FederatedResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FederatedResult:
         """Inverse of :meth:`to_dict`."""
-        values = dict(data)
-        if values.get("epsilon") == "inf":
-            values["epsilon"] = math.inf
-        return cls(**values)
+        return fields_from_json(cls, data)
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> FederatedConfig:

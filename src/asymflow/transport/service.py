@@ -78,7 +78,7 @@ METHODS = {
 }
 """The service's gRPC methods and the :class:`PublicService` method answering each."""
 
-Recorded = TypeVar("Recorded", wire.TrainRequest, wire.StepApplyRequest, wire.LoadStateRequest)
+_Recorded = TypeVar("_Recorded", wire.TrainRequest, wire.StepApplyRequest, wire.LoadStateRequest)
 """A request run at most once per request id (:meth:`PublicService._once`)."""
 
 
@@ -165,8 +165,8 @@ class PublicService:
     def _once(
         self,
         request: bytes,
-        kind: type[Recorded],
-        run: Callable[[Session, Recorded], bytes],
+        kind: type[_Recorded],
+        run: Callable[[Session, _Recorded], bytes],
         counter: str,
         replayed: str = "",
     ) -> bytes:

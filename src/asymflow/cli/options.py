@@ -24,7 +24,7 @@ import typer
 from typer.core import TyperCommand, TyperOption
 
 from asymflow.cli.common import CliInputError, JsonOpt, errors, option_name, parse_int_list
-from asymflow.runfiles import read_config
+from asymflow.runfiles import CONFIG_FILE, read_config
 
 __all__ = [
     "ConfigCommand",
@@ -144,7 +144,7 @@ class Run:
         out = self.out
         if out.exists() and not out.is_dir():
             raise CliInputError(f"--out must be a directory, got the file {str(out)!r}")
-        if not (out / "config.json").is_file():
+        if not (out / CONFIG_FILE).is_file():
             return new(self.given)
         if not self.resume:
             raise CliInputError(

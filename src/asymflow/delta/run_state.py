@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from asymflow.accounting.ledger import PrivacyLedger
 from asymflow.data import TensorImageDataset, augment_batch
@@ -146,7 +148,7 @@ class RunState:
             "std": self.stats[1],
         }
 
-    def save(self, stage: int, epoch: int, opt: Any, sched: Any) -> None:
+    def save(self, stage: int, epoch: int, opt: Optimizer, sched: LRScheduler) -> None:
         state = {
             "format": CHECKPOINT_FORMAT,
             "stage": stage,
@@ -239,7 +241,9 @@ class RunState:
             ]
         )
 
-    def sgd_step(self, z: Tensor, y: Tensor, opt: Any, sched: Any) -> tuple[float, int]:
+    def sgd_step(
+        self, z: Tensor, y: Tensor, opt: Optimizer, sched: LRScheduler
+    ) -> tuple[float, int]:
         """One step on CE(z, y), plus alpha ||A A^T - I||_F^2 over M_main's factorized layers for
         a private model: (the loss, the correct predictions); the progress bar shows the loss."""
         loss = functional.cross_entropy(z, y)

@@ -20,12 +20,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
 from types import UnionType
-from typing import Any, Protocol, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Self, TypeVar, Union, get_args, get_origin, get_type_hints
 
 __all__ = [
     "CONFIG_FILE",
     "METRICS_FILE",
     "SAMPLING_NOISE_SEEDS",
+    "JsonFields",
     "append_metrics",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -45,10 +46,6 @@ SAMPLING_NOISE_SEEDS = ("sampler_seed", "noise_seed")
 """The seed pair of the DP-SGD and federated configs that a resume needs both or neither of."""
 
 T = TypeVar("T")
-
-
-class _ToDict(Protocol):
-    def to_dict(self) -> dict[str, Any]: ...
 
 
 # ------------------------------------------------------------------------------ files
@@ -133,7 +130,21 @@ def fields_from_json(cls: type[T], data: Mapping[str, Any]) -> T:
     return cls(**{k: _field_from_json(hints[k], v) for k, v in data.items()})
 
 
-def write_config(run_dir: Path, config: _ToDict) -> None:
+class JsonFields:
+    """Base of the dataclasses stored as JSON (configs, results): :meth:`to_dict` is
+    :func:`fields_to_json`, :meth:`from_dict` its inverse :func:`fields_from_json`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (:func:`fields_to_json`)."""
+        return fields_to_json(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Inverse of :meth:`to_dict`; unknown keys are refused."""
+        return fields_from_json(cls, data)
+
+
+def write_config(run_dir: Path, config: JsonFields) -> None:
     """Write ``config.json`` (``config.to_dict()``) atomically."""
     atomic_write_json(run_dir / CONFIG_FILE, config.to_dict())
 
@@ -147,7 +158,7 @@ def read_config(run_dir: str | os.PathLike[str], from_dict: Callable[[Mapping[st
 
 
 def check_resumable(
-    run_dir: Path, config: _ToDict, resume: bool, *, seed_pair: tuple[str, str] | None = None
+    run_dir: Path, config: JsonFields, resume: bool, *, seed_pair: tuple[str, str] | None = None
 ) -> bool:
     """Whether ``run_dir`` holds a run to continue with ``config``.
 

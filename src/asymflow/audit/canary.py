@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from asymflow.accounting.montecarlo import log_likelihood_ratio
 from asymflow.audit.bounds import clopper_pearson, epsilon_lower_bound
 from asymflow.dpsgd.aggregate import noisy_gradient_sum
 from asymflow.dpsgd.partition import PartitionPlan, PartitionSpec
-from asymflow.runfiles import fields_to_json
+from asymflow.runfiles import JsonFields
 from asymflow.sampling import BalancedIterationSampler, PoissonSampler
 
 __all__ = [
@@ -264,7 +264,7 @@ def choose_test(
 
 
 @dataclass(frozen=True)
-class CanaryAudit:
+class CanaryAudit(JsonFields):
     """An empirical lower bound on epsilon (valid with probability >= ``confidence``), the
     test that gave it, and the accountant's certified epsilon for the same pass.
 
@@ -293,10 +293,6 @@ class CanaryAudit:
     certified_method: str | None
     confidence: float
     seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (:func:`~asymflow.runfiles.fields_to_json`)."""
-        return fields_to_json(self)
 
 
 def audit_canary(

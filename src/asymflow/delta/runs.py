@@ -43,11 +43,10 @@ from asymflow.models.resnet import ARCHS
 from asymflow.runfiles import (
     CONFIG_FILE,
     METRICS_FILE,
+    JsonFields,
     append_metrics,
     atomic_write_bytes,
     atomic_write_json,
-    fields_from_json,
-    fields_to_json,
     read_metrics,
     write_metrics,
 )
@@ -108,7 +107,7 @@ _RUN = "Run"
 
 
 @dataclass(frozen=True)
-class DeltaConfig:
+class DeltaConfig(JsonFields):
     """Everything that defines a Delta run; defaults fit the bundled digits demo on a CPU.
 
     ``data`` is a data spec (``asymflow.data.load_data``); ``image_size`` applies to
@@ -386,15 +385,6 @@ class DeltaConfig:
         if not self.releases_residual:
             return 0
         return 1 if self.release == "once" else max(1, self.epochs_stage2)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (:func:`~asymflow.runfiles.fields_to_json`)."""
-        return fields_to_json(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DeltaConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are refused."""
-        return fields_from_json(cls, data)
 
     def replace(self, **changes: Any) -> DeltaConfig:
         """A copy with ``changes`` applied (validated again)."""

@@ -27,11 +27,10 @@ from asymflow.dpsgd.partition import UNITS, PartitionSpec
 from asymflow.runfiles import (
     CONFIG_FILE,
     METRICS_FILE,
+    JsonFields,
     append_metrics,
     atomic_write_bytes,
     atomic_write_json,
-    fields_from_json,
-    fields_to_json,
     read_metrics,
     write_metrics,
 )
@@ -70,7 +69,7 @@ _RUN = "Run"
 
 
 @dataclass(frozen=True)
-class DpsgdConfig:
+class DpsgdConfig(JsonFields):
     """Everything that defines a DP-SGD run; the defaults fit the digits demo on a CPU.
 
     Sampling: ``sampler="balanced"`` is BIS(k, T) with T = ``steps`` steps per pass (default
@@ -221,15 +220,6 @@ class DpsgdConfig:
         if self.steps is not None:
             return self.steps
         return max(self.k, round(self.k * num_samples / self.batch_size))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (:func:`~asymflow.runfiles.fields_to_json`)."""
-        return fields_to_json(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DpsgdConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are refused."""
-        return fields_from_json(cls, data)
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> DpsgdConfig:

@@ -71,7 +71,7 @@ from asymflow.dpsgd.runs import (
 )
 from asymflow.models import build_model
 from asymflow.progress import EpochBars
-from asymflow.runfiles import SAMPLING_NOISE_SEEDS, check_resumable, fields_to_json
+from asymflow.runfiles import SAMPLING_NOISE_SEEDS, JsonFields, check_resumable
 from asymflow.threads import torch_threads
 
 __all__ = ["DpsgdResult", "calibrated_sigma", "private_step", "train_dpsgd"]
@@ -80,7 +80,7 @@ _BACKWARD_HOOK_WARNING = "Full backward hook is firing when gradients are comput
 
 
 @dataclass(frozen=True)
-class DpsgdResult:
+class DpsgdResult(JsonFields):
     """Summary of a run; ``epsilon`` is recomputed from the ledger (the source of truth)."""
 
     run_dir: str
@@ -97,10 +97,6 @@ class DpsgdResult:
     calibrated: bool
     seconds: float
     metrics: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (:func:`~asymflow.runfiles.fields_to_json`)."""
-        return fields_to_json(self)
 
 
 def calibrated_sigma(

@@ -28,7 +28,7 @@ from typing import Any
 from asymflow.accounting.best import DEFAULT_METHODS, check_methods
 from asymflow.checks import check_choice, check_int, check_noise, check_number
 from asymflow.dpsgd.partition import UNITS, PartitionSpec
-from asymflow.runfiles import fields_from_json, fields_to_json
+from asymflow.runfiles import JsonFields
 from asymflow.settings import setting
 
 __all__ = ["MODELS", "SAMPLERS", "SPLITS", "FederatedConfig"]
@@ -49,7 +49,7 @@ _TUPLES = ("methods",)
 
 
 @dataclass(frozen=True)
-class FederatedConfig:
+class FederatedConfig(JsonFields):
     """Everything that defines a federated run; the defaults fit the digits data on a CPU.
 
     - Data: ``data`` (a :func:`asymflow.data.load_data` spec) split among ``clients`` clients,
@@ -215,15 +215,6 @@ class FederatedConfig:
         return self.rate * self.clients
 
     # ------------------------------------------------------------------ serialization
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (:func:`~asymflow.runfiles.fields_to_json`)."""
-        return fields_to_json(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FederatedConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are refused."""
-        return fields_from_json(cls, data)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flower's flat run config: kebab-case keys, scalar values; None is left out and

@@ -30,12 +30,11 @@ from asymflow.federated.config import FederatedConfig
 from asymflow.runfiles import (
     CONFIG_FILE,
     METRICS_FILE,
+    JsonFields,
     append_metrics,
     atomic_write_bytes,
     atomic_write_json,
     check_resumable,
-    fields_from_json,
-    fields_to_json,
     read_metrics,
     write_metrics,
 )
@@ -67,7 +66,7 @@ _ROUND_NAME = re.compile(r"round(\d+)\.pt")
 
 
 @dataclass(frozen=True)
-class FederatedResult:
+class FederatedResult(JsonFields):
     """Summary of a federated run; ``epsilon`` is the client-level epsilon recomputed from the
     ledger (the source of truth) at ``delta``."""
 
@@ -86,15 +85,6 @@ class FederatedResult:
     calibrated: bool
     seconds: float
     metrics: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (:func:`~asymflow.runfiles.fields_to_json`)."""
-        return fields_to_json(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FederatedResult:
-        """Inverse of :meth:`to_dict`."""
-        return fields_from_json(cls, data)
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> FederatedConfig:

@@ -95,27 +95,19 @@ def run_noise(config: FederatedConfig) -> Noise:
     if config.sigma is not None:
         return Noise(float(config.sigma), None, accounting.note)
     assert config.target_epsilon is not None
-    if config.sampler == "poisson":
-        calibration = noise_for_epsilon(
-            config.target_epsilon,
-            config.delta,
-            "poisson",
-            config.rounds,
-            q=config.rate,
-            parts=accounting.parts,
-            methods=config.methods,
-        )
-    else:
-        calibration = noise_for_epsilon(
-            config.target_epsilon,
-            config.delta,
-            "balanced",
-            config.period,
-            k=config.k,
-            epochs=config.passes,
-            parts=accounting.parts,
-            methods=config.methods,
-        )
+    schedule = (
+        {"steps": config.rounds, "q": config.rate}
+        if config.sampler == "poisson"
+        else {"steps": config.period, "k": config.k, "epochs": config.passes}
+    )
+    calibration = noise_for_epsilon(
+        config.target_epsilon,
+        config.delta,
+        config.sampler,
+        parts=accounting.parts,
+        methods=config.methods,
+        **schedule,
+    )
     return Noise(calibration.sigma * accounting.sigma_divisor, calibration.epsilon, accounting.note)
 
 

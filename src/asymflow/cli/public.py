@@ -250,13 +250,9 @@ def public_serve(
     """
     with errors(SERVE_OPTIONS):
         host = _check_serve(listen, token_file, cert, key, insecure_local, state_dir, log_level)
+        # in MiB here; serve() checks the other limits before it listens
         check_int("--max-message-mb", max_message_mb, 1, MAX_MESSAGE_MB)
-        check_int("--max-concurrent", max_concurrent, 1)
-        check_int("--max-sessions", max_sessions, 1)
         check_int("--max-held-mb", max_held_mb, 0)
-        check_int("--workers", workers, 1)
-        check_int("--threads", threads, 1)
-        check_int("--nproc-per-node", nproc_per_node, 1)
         logging.basicConfig(
             level=getattr(logging, log_level),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -110,7 +110,8 @@ def fl_app(
 
     Example: asymflow fl app fl-app --clients 10 --subnetwork split:4 --target-epsilon 8
     """
-    with errors(option_names(CONFIG, run_dir="--out", directory="DIR", **SUBNETWORK), DATA_HINTS):
+    options = option_names(CONFIG, run_dir="--run-dir", directory="DIR", **SUBNETWORK)
+    with errors(options, DATA_HINTS):
         config = _new_config(given)
         from asymflow.federated import write_flower_app
 
